@@ -1,0 +1,24 @@
+// Every schema of latentseek_ext in one place. The kernels register themselves per device in csrc/cpu and
+// csrc/cuda; the Python side (latentseek_ext/ops.py) adds fake (meta) kernels and autograd.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing latentseek_ext._C runs the static TORCH_LIBRARY registrations below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(latentseek_ext, m) {
+  // tokens: given or argmax(l); logp = l[tokens] - logsumexp(l); grad = -reward * d logp / d hidden.
+  m.def(
+      "lm_head_policy_grad(Tensor hidden, Tensor weight, Tensor? reward=None, Tensor? tokens=None, "
+      "Tensor? bias=None) -> (Tensor tokens, Tensor logp, Tensor grad)");
+  // The same forward; dlogp_dhidden = d logp / d hidden when with_grad, else an empty [0] tensor. Its autograd
+  // backward (latentseek_ext/ops.py) scales dlogp_dhidden by the incoming gradient: no second vocabulary pass.
+  m.def(
+      "lm_head_logprob(Tensor hidden, Tensor weight, Tensor? tokens=None, Tensor? bias=None, "
+      "bool with_grad=True) -> (Tensor tokens, Tensor logp, Tensor dlogp_dhidden)");
+}

@@ -1,0 +1,182 @@
+r"""The fused LM-head policy-gradient ops.
+
+Notation. ``hidden`` holds N rows z_n (any leading dims ``[*, H]``, flattened), ``weight`` is the LM head
+W (``[V, H]``), ``bias`` an optional b (``[V]``), ``reward`` a per-row r_n (a float, a 0-d tensor, or shape ``[*]``;
+None means 1). The logits are accumulated in float32 (float64 for float64 inputs):
+
+.. math::
+
+    l_{n,v} = \langle W_v, z_n \rangle + b_v,\qquad
+    x_n = \text{tokens}_n \text{ if given, else } \arg\max_v l_{n,v}\ (\text{lowest index on ties}),
+
+    \log p_n = l_{n,x_n} - \log \sum_v e^{l_{n,v}},\qquad
+    \frac{\partial \log p_n}{\partial z_n} = W_{x_n} - \sum_v \mathrm{softmax}(l_n)_v\, W_v,
+
+    \text{grad}_n = -r_n \frac{\partial \log p_n}{\partial z_n}
+    = \frac{\partial}{\partial z_n}\Big(-\sum_m r_m \log p_m\Big).
+
+``grad`` is the gradient of the REINFORCE loss ``-sum r * logp`` with respect to ``hidden``: put it in ``z.grad``
+and call a torch optimizer's ``step()``. (With tokens = argmax, x does not move under an infinitesimal change of z,
+so this is the exact gradient of the loss as LatentSeek defines it.)
+
+The compiled kernels make one pass over W in vocabulary tiles with a running max, argmax, sum of exponentials and
+an H-vector accumulator of ``exp(l_v - max) * W_v`` per row (flash-attention's online softmax with keys = values =
+W): memory O(N*H), never an ``[N, V]`` buffer. Outputs: ``tokens`` int64 ``[*]``; ``logp`` ``[*]`` and ``grad``
+``[*, H]`` in float32 (float64 for float64 inputs), whatever the input dtype (float32, bfloat16, float16, float64).
+
+Non-finite inputs do not crash. A row whose logits contain a NaN or a +inf gets NaN ``logp`` and ``grad``; its
+token follows ``torch.argmax`` (the first NaN if any, else the first maximum). Logits of -inf (e.g. a bias that
+masks tokens) are fine as long as one logit of the row is finite. N = 0 returns empty outputs.
+
+``impl`` selects the implementation: ``"ext"`` (the compiled kernel; an error if it is not built for the device),
+``"reference"`` (:mod:`latentseek_ext.reference`, which materialises the logits), or ``"auto"`` (the kernel where
+it exists, else the reference).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from . import reference
+from .reference import Reward, acc_dtype, as_reward_tensor
+
+Impl = Literal["auto", "ext", "reference"]
+
+try:
+    from . import _C  # noqa: F401  (registers the torch.ops.latentseek_ext kernels)
+
+    EXTENSION_ERROR: ImportError | None = None
+except ImportError as e:  # the pure-torch reference still works
+    EXTENSION_ERROR = e
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"latentseek_ext::{op}", key)
+
+
+#: Device types ("cpu", "cuda") for which the compiled kernel is available.
+EXTENSION_DEVICES: frozenset[str] = frozenset(
+    d for d, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel("lm_head_policy_grad", key)
+)
+
+
+def extension_available(device: torch.device | str = "cpu") -> bool:
+    """Whether the compiled kernel serves tensors on ``device``."""
+    return torch.device(device).type in EXTENSION_DEVICES
+
+
+def _use_extension(impl: Impl, hidden: torch.Tensor) -> bool:
+    if impl == "reference":
+        return False
+    if impl not in ("auto", "ext"):
+        raise ValueError(f"latentseek_ext: impl must be 'auto', 'ext' or 'reference', got {impl!r}")
+    if hidden.device.type in EXTENSION_DEVICES:
+        return True
+    if impl == "ext":
+        why = f" ({EXTENSION_ERROR})" if EXTENSION_ERROR is not None else ""
+        raise RuntimeError(
+            f"latentseek_ext: impl='ext' but the compiled kernel is not available for device "
+            f"'{hidden.device.type}'{why}; build it with `pip install --no-build-isolation -e .` or use impl='auto'"
+        )
+    return False
+
+
+def lm_head_policy_grad(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    reward: Reward = None,
+    tokens: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(tokens, logp, grad)`` of the LM head for each row of ``hidden`` (see the module docstring for the math).
+
+    Args:
+        hidden: ``[*, H]`` float32 / bfloat16 / float16 / float64, the last-layer hidden states z.
+        weight: ``[V, H]``, hidden's dtype and device: the LM-head weight W.
+        reward: None (= 1), a float, a 0-d tensor, or a float tensor of shape ``[*]`` (one per row).
+        tokens: None (= argmax of the logits) or int64 ``[*]`` with values in ``[0, V)``.
+        bias: None or ``[V]`` in hidden's dtype.
+        impl: ``"auto"``, ``"ext"`` or ``"reference"``.
+
+    Returns:
+        tokens int64 ``[*]``; logp ``[*]`` and grad ``[*, H]`` in float32 (float64 for float64 inputs), with
+        ``grad = -reward * (W[tokens] - softmax(l) @ W)``.
+    """
+    if not _use_extension(impl, hidden):
+        return reference.lm_head_policy_grad(hidden, weight, reward, tokens, bias)
+    reward_t = as_reward_tensor(reward, hidden)
+    return torch.ops.latentseek_ext.lm_head_policy_grad.default(hidden, weight, reward_t, tokens, bias)
+
+
+def lm_head_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    impl: Impl = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, logp)``, differentiable with respect to ``hidden``.
+
+    Same arguments and forward as :func:`lm_head_policy_grad`. When ``hidden`` requires grad, the kernel also
+    keeps ``d logp / d hidden`` (an ``[N, H]`` buffer) so that the backward is a multiply, with no second pass over
+    the vocabulary. ``weight`` and ``bias`` get no gradient: backpropagating into them raises an error.
+    """
+    if not _use_extension(impl, hidden):
+        return reference.lm_head_logprob(hidden, weight, tokens, bias)
+    with_grad = torch.is_grad_enabled() and hidden.requires_grad
+    x, logp, _ = torch.ops.latentseek_ext.lm_head_logprob.default(hidden, weight, tokens, bias, with_grad)
+    return x, logp
+
+
+def _fake_outputs(hidden: torch.Tensor, weight: torch.Tensor, with_grad: bool):
+    torch._check(hidden.dim() >= 1, lambda: "latentseek_ext: hidden must have shape [*, H]")
+    torch._check(weight.dim() == 2, lambda: "latentseek_ext: weight must have shape [V, H]")
+    torch._check(weight.shape[1] == hidden.shape[-1], lambda: "latentseek_ext: weight.shape[1] must equal H")
+    lead = hidden.shape[:-1]
+    acc = acc_dtype(hidden.dtype)
+    tokens = hidden.new_empty(lead, dtype=torch.int64)
+    logp = hidden.new_empty(lead, dtype=acc)
+    grad = hidden.new_empty(hidden.shape if with_grad else (0,), dtype=acc)
+    return tokens, logp, grad
+
+
+if EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("latentseek_ext::lm_head_policy_grad")
+    def _policy_grad_fake(hidden, weight, reward=None, tokens=None, bias=None):
+        return _fake_outputs(hidden, weight, True)
+
+    @torch.library.register_fake("latentseek_ext::lm_head_logprob")
+    def _logprob_fake(hidden, weight, tokens=None, bias=None, with_grad=True):
+        return _fake_outputs(hidden, weight, with_grad)
+
+    def _logprob_setup_context(ctx, inputs, output):
+        hidden, weight, _tokens, bias, with_grad = inputs
+        ctx.with_grad = with_grad
+        ctx.hidden_dtype = hidden.dtype
+        ctx.save_for_backward(output[2])
+
+    def _logprob_backward(ctx, grad_tokens, grad_logp, grad_dlogp):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+            raise RuntimeError(
+                "latentseek_ext: lm_head_logprob gives no gradient for weight or bias; pass weight.detach()"
+            )
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        if not ctx.with_grad:
+            raise RuntimeError(
+                "latentseek_ext: lm_head_logprob was called with with_grad=False, so d logp / d hidden was not "
+                "kept; call latentseek_ext.lm_head_logprob (it sets with_grad when hidden requires grad)"
+            )
+        (dlogp_dhidden,) = ctx.saved_tensors
+        grad_hidden = grad_logp.unsqueeze(-1).to(dlogp_dhidden.dtype) * dlogp_dhidden
+        return grad_hidden.to(ctx.hidden_dtype), None, None, None, None
+
+    torch.library.register_autograd(
+        "latentseek_ext::lm_head_logprob", _logprob_backward, setup_context=_logprob_setup_context
+    )
