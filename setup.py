@@ -31,9 +31,7 @@ def _extension():
     cpp_sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
     cxx_flags = ["-O3", "-fopenmp", "-DLATENTSEEK_OMP"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    with_cuda = (
-        torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("LATENTSEEK_NO_CUDA") != "1"
-    )
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("LATENTSEEK_NO_CUDA") != "1"
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         return CUDAExtension(

@@ -18,7 +18,8 @@ TORCH_LIBRARY(latentseek_ext, m) {
       "Tensor? bias=None) -> (Tensor tokens, Tensor logp, Tensor grad)");
   // The same forward; dlogp_dhidden = d logp / d hidden when with_grad, else an empty [0] tensor. Its autograd
   // backward (latentseek_ext/ops.py) scales dlogp_dhidden by the incoming gradient: no second vocabulary pass.
+  // logp comes first: the one differentiable output leads (torch.library.opcheck sums the outputs in order).
   m.def(
       "lm_head_logprob(Tensor hidden, Tensor weight, Tensor? tokens=None, Tensor? bias=None, "
-      "bool with_grad=True) -> (Tensor tokens, Tensor logp, Tensor dlogp_dhidden)");
+      "bool with_grad=True) -> (Tensor logp, Tensor tokens, Tensor dlogp_dhidden)");
 }

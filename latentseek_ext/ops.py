@@ -129,14 +129,18 @@ def lm_head_logprob(
     if not _use_extension(impl, hidden):
         return reference.lm_head_logprob(hidden, weight, tokens, bias)
     with_grad = torch.is_grad_enabled() and hidden.requires_grad
-    x, logp, _ = torch.ops.latentseek_ext.lm_head_logprob.default(hidden, weight, tokens, bias, with_grad)
+    logp, x, _ = torch.ops.latentseek_ext.lm_head_logprob.default(hidden, weight, tokens, bias, with_grad)
     return x, logp
 
 
-def _fake_outputs(hidden: torch.Tensor, weight: torch.Tensor, with_grad: bool):
+def _fake_outputs(hidden: torch.Tensor, weight: torch.Tensor, with_grad: bool, **optional: torch.Tensor | None):
+    """Output metadata of both ops, with the shape and device rules the kernels enforce."""
     torch._check(hidden.dim() >= 1, lambda: "latentseek_ext: hidden must have shape [*, H]")
     torch._check(weight.dim() == 2, lambda: "latentseek_ext: weight must have shape [V, H]")
     torch._check(weight.shape[1] == hidden.shape[-1], lambda: "latentseek_ext: weight.shape[1] must equal H")
+    for name, t in [("weight", weight), *optional.items()]:
+        if t is not None and t.device != hidden.device:
+            raise RuntimeError(f"latentseek_ext: {name} must be on hidden's device ({hidden.device}), got {t.device}")
     lead = hidden.shape[:-1]
     acc = acc_dtype(hidden.dtype)
     tokens = hidden.new_empty(lead, dtype=torch.int64)
@@ -149,25 +153,27 @@ if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("latentseek_ext::lm_head_policy_grad")
     def _policy_grad_fake(hidden, weight, reward=None, tokens=None, bias=None):
-        return _fake_outputs(hidden, weight, True)
+        return _fake_outputs(hidden, weight, True, reward=reward, tokens=tokens, bias=bias)
 
     @torch.library.register_fake("latentseek_ext::lm_head_logprob")
     def _logprob_fake(hidden, weight, tokens=None, bias=None, with_grad=True):
-        return _fake_outputs(hidden, weight, with_grad)
+        x, logp, dlogp = _fake_outputs(hidden, weight, with_grad, tokens=tokens, bias=bias)
+        return logp, x, dlogp
 
     def _logprob_setup_context(ctx, inputs, output):
         hidden, weight, _tokens, bias, with_grad = inputs
+        _logp, x, dlogp = output
         ctx.with_grad = with_grad
         ctx.hidden_dtype = hidden.dtype
-        ctx.save_for_backward(output[2])
+        ctx.constants_need_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+        ctx.mark_non_differentiable(x, dlogp)  # dlogp_dhidden is a saved derivative, not a differentiable output
+        ctx.save_for_backward(dlogp)
 
-    def _logprob_backward(ctx, grad_tokens, grad_logp, grad_dlogp):
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
+    def _logprob_backward(ctx, grad_logp, grad_tokens, grad_dlogp):
+        if ctx.constants_need_grad:
             raise RuntimeError(
                 "latentseek_ext: lm_head_logprob gives no gradient for weight or bias; pass weight.detach()"
             )
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
         if not ctx.with_grad:
             raise RuntimeError(
                 "latentseek_ext: lm_head_logprob was called with with_grad=False, so d logp / d hidden was not "

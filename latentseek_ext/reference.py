@@ -63,7 +63,9 @@ def check_inputs(
         if reward.device != hidden.device:
             _fail(op, f"reward must be on hidden's device ({hidden.device}), got {reward.device}")
         if reward.dim() != 0 and list(reward.shape) != lead:
-            _fail(op, f"reward must be a scalar or have shape hidden.shape[:-1] = {lead}, got shape {list(reward.shape)}")
+            _fail(
+                op, f"reward must be a scalar or have shape hidden.shape[:-1] = {lead}, got shape {list(reward.shape)}"
+            )
     if tokens is not None:
         if tokens.dtype != torch.int64:
             _fail(op, f"tokens must be int64, got {tokens.dtype}")
