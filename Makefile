@@ -26,8 +26,13 @@ $(BUILT): $(DEPS) $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+CMAKE_BUILD := build/cmake
+
 test: $(BUILT)
 	$(PY) -m pytest -q
+	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > /dev/null
+	cmake --build $(CMAKE_BUILD) -j2 > /dev/null
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
 lint: $(DEPS)
 	$(PY) -m ruff check .

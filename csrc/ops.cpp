@@ -1,7 +1,9 @@
 // Every schema of latentseek_ext in one place. The kernels register themselves per device in csrc/cpu and
 // csrc/cuda; the Python side (latentseek_ext/ops.py) adds fake (meta) kernels and autograd.
-#include <Python.h>
 #include <torch/library.h>
+
+#ifndef LATENTSEEK_NO_PYTHON
+#include <Python.h>
 
 extern "C" {
 // Importing latentseek_ext._C runs the static TORCH_LIBRARY registrations below; the module itself is empty.
@@ -10,6 +12,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif  // LATENTSEEK_NO_PYTHON (the C++ tests link the kernels without Python)
 
 TORCH_LIBRARY(latentseek_ext, m) {
   // tokens: given or argmax(l); logp = l[tokens] - logsumexp(l); grad = -reward * d logp / d hidden.
