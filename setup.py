@@ -29,7 +29,7 @@ def _sources(pattern: str) -> list[str]:
 
 def _extension():
     cpp_sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-fopenmp", "-DLATENTSEEK_OMP"]
+    cxx_flags = ["-O3", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("LATENTSEEK_NO_CUDA") != "1"
     if with_cuda:
