@@ -44,6 +44,7 @@ EQUIVALENCE_CASES = [
     ("$\\$1,234.50$", "1234.5", T),
     ("\\text{18 apples}", "18", T),
     ("-$5", "-5", T),
+    ("\\textbf{(073)}", "73", T),
     # numbers that differ
     ("5.01", "5", F),
     ("33", "333", F),

@@ -192,6 +192,7 @@ class ParsedNumber(NamedTuple):
 
 _MATH_DELIMITERS = re.compile(r"^(?:\$+|\\\(|\\\[)\s*(.*?)\s*(?:\$+|\\\)|\\\])$", flags=re.DOTALL)
 _TEXT_WRAPPER = re.compile(r"^\\(?:text|textbf|mathrm|mbox)\s*\{(.*)\}$", flags=re.DOTALL)
+_PARENTHESES = re.compile(r"^\(([^(),]*)\)$")  # "(073)"; a comma would make it a tuple or an interval
 _LATEX_SPACING = re.compile(r"\\[!,;:> ]|~")
 _DEGREES = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
 _CURRENCY = re.compile(r"\\\$|\$|€|£|¥|USD|usd")
@@ -210,9 +211,10 @@ def parse_number(text: str) -> ParsedNumber | None:
     ("5.00"), currency signs, degree signs, a percent sign, trailing unit words, and simple fractions "3/4".
     """
     s = text.strip().replace("−", "-")
-    for _ in range(3):  # "$\text{18 apples}$" nests delimiters and wrappers
+    for _ in range(3):  # "$\text{18 apples}$", "\textbf{(073)}": delimiters and wrappers nest
         unwrapped = _MATH_DELIMITERS.sub(r"\1", s)
         unwrapped = _TEXT_WRAPPER.sub(r"\1", unwrapped).strip()
+        unwrapped = _PARENTHESES.sub(r"\1", unwrapped).strip()
         if unwrapped == s:
             break
         s = unwrapped
