@@ -290,6 +290,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert len(raw_lines(out / RESULTS_FILE)) == len(read_jsonl(out / RESULTS_FILE))
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_shard_and_merge(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
