@@ -1,0 +1,7 @@
+"""``python -m latentseek`` runs the command line (torchrun needs the module form: ``torchrun -m latentseek``)."""
+
+import sys
+
+from latentseek.cli import main
+
+sys.exit(main())

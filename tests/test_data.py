@@ -1,0 +1,205 @@
+"""Problem loaders: local JSONL / JSON / parquet, field detection, gold answers, stable ids, hub names and errors."""
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from latentseek import data
+from latentseek.data import (
+    BENCHMARKS,
+    DEMO_PROBLEMS_PATH,
+    DatasetError,
+    gold_from_answer,
+    load_problems,
+    read_records,
+)
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+GSM8K_ROWS = [
+    {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = <<3+2=5>>5\n#### 5"},
+    {"question": "A car costs $1,200 more than $800. Price?", "answer": "1200 + 800 = 2000\n#### 2,000"},
+    {"question": "Half of 9?", "answer": "9 / 2 = 4.5\n#### 4.5"},
+]
+MATH_ROWS = [
+    {"problem": "Simplify 2/4.", "answer": "\\frac{1}{2}", "unique_id": "test/algebra/1.json"},
+    {"problem": "Compute 3 + 4.", "answer": "7", "unique_id": "test/algebra/2.json"},
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_gsm8k_jsonl_gold_is_the_number_after_the_marker(tmp_path):
+    problems = load_problems(write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS))
+    assert [p.gold for p in problems] == ["5", "2000", "4.5"]
+    assert [p.question for p in problems] == [r["question"] for r in GSM8K_ROWS]
+    assert all(p.answer_kind == "number" for p in problems)
+    assert problems[1].raw == GSM8K_ROWS[1]
+
+
+def test_gold_from_answer():
+    assert gold_from_answer("work #### 1,450,000") == "1450000"
+    assert gold_from_answer(" 025 ") == "025"
+    assert gold_from_answer(204) == "204"
+
+
+def test_math_json_list_uses_problem_field_and_unique_id(tmp_path):
+    path = tmp_path / "math.json"
+    path.write_text(json.dumps(MATH_ROWS), encoding="utf-8")
+    problems = load_problems(path)
+    assert [p.id for p in problems] == ["test/algebra/1.json", "test/algebra/2.json"]
+    assert [p.gold for p in problems] == ["\\frac{1}{2}", "7"]
+    assert {p.answer_kind for p in problems} == {"math"}  # one non-number makes the whole set "math"
+
+
+def test_json_object_holding_one_list(tmp_path):
+    path = tmp_path / "wrapped.json"
+    path.write_text(json.dumps({"version": 2, "data": MATH_ROWS}), encoding="utf-8")
+    assert len(load_problems(path)) == 2
+
+
+def test_aime_zero_padded_answers_stay_strings(tmp_path):
+    rows = [{"id": 60, "problem": "p1", "answer": "025"}, {"id": 61, "problem": "p2", "answer": "204"}]
+    problems = load_problems(write_jsonl(tmp_path / "aime.jsonl", rows))
+    assert [(p.id, p.gold, p.answer_kind) for p in problems] == [("60", "025", "number"), ("61", "204", "number")]
+
+
+def test_user_defined_fields(tmp_path):
+    rows = [{"q": "1+1?", "a": 2, "key": "x"}, {"q": "2+2?", "a": 4, "key": "y"}]
+    path = write_jsonl(tmp_path / "mine.jsonl", rows)
+    problems = load_problems(path, question_field="q", answer_field="a", id_field="key")
+    assert [(p.id, p.question, p.gold) for p in problems] == [("x", "1+1?", "2"), ("y", "2+2?", "4")]
+
+
+def test_ids_are_stable_unique_and_independent_of_limit(tmp_path):
+    path = write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)
+    full = [p.id for p in load_problems(path)]
+    assert full == [p.id for p in load_problems(path)]
+    assert len(set(full)) == len(full)
+    assert [p.id for p in load_problems(path, limit=2)] == full[:2]
+    edited = [dict(GSM8K_ROWS[0], answer="#### 6"), *GSM8K_ROWS[1:]]
+    changed = [p.id for p in load_problems(write_jsonl(tmp_path / "edited.jsonl", edited))]
+    assert changed[0] != full[0] and changed[1:] == full[1:]  # an edited record is a new problem
+
+
+def test_a_non_unique_id_column_is_not_used_as_id(tmp_path):
+    rows = [{"id": 1, "question": "a", "answer": "1"}, {"id": 1, "question": "b", "answer": "2"}]
+    problems = load_problems(write_jsonl(tmp_path / "dup.jsonl", rows))
+    assert len({p.id for p in problems}) == 2
+    with pytest.raises(DatasetError, match="duplicate"):
+        load_problems(tmp_path / "dup.jsonl", id_field="id")
+
+
+@pytest.mark.parametrize(
+    ("content", "name", "kwargs", "message"),
+    [
+        ('{"question": "q"}\n', "noanswer.jsonl", {}, "no answer field"),
+        ('{"question": "q", "answer": "1"}\n', "f.jsonl", {"question_field": "prompt"}, "'prompt' is missing"),
+        ('{"question": "q", "answer": "1"}\n{"question": \n', "broken.jsonl", {}, "broken.jsonl:2"),
+        ("[1, 2]", "numbers.json", {}, "list of JSON objects"),
+        ('{"a": [], "b": []}', "two_lists.json", {}, "exactly one list"),
+        ("question,answer\n", "table.csv", {}, "unsupported file type"),
+        ("", "empty.jsonl", {}, "empty"),
+    ],
+)
+def test_bad_files_give_clear_errors(tmp_path, content, name, kwargs, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DatasetError, match=message):
+        load_problems(path, **kwargs)
+
+
+def test_unknown_source(tmp_path):
+    with pytest.raises(DatasetError, match="neither a file"):
+        load_problems(tmp_path / "missing.jsonl")
+
+
+def test_parquet_without_pyarrow_or_pandas_names_them(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(DatasetError, match="pyarrow"):
+        read_records(tmp_path / "set.parquet")
+
+
+def test_parquet_with_pyarrow(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    pq.write_table(pa.Table.from_pylist(MATH_ROWS), tmp_path / "math.parquet")
+    assert [p.gold for p in load_problems(tmp_path / "math.parquet")] == ["\\frac{1}{2}", "7"]
+
+
+def test_hub_without_datasets_package_says_to_pass_a_path(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(DatasetError, match="pass a local"):
+        load_problems("gsm8k")
+
+
+def fake_datasets(monkeypatch, rows=None, error=None):
+    calls = []
+
+    def load_dataset(hub_id, config=None, split=None):
+        calls.append((hub_id, config, split))
+        if error is not None:
+            raise error
+        return rows
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_hub_offline_says_to_pass_a_path(monkeypatch):
+    fake_datasets(monkeypatch, error=ConnectionError("Couldn't reach the Hub"))
+    with pytest.raises(DatasetError, match="Couldn't reach.*pass a local"):
+        load_problems("math500")
+
+
+@pytest.mark.parametrize(
+    ("name", "rows", "golds"),
+    [
+        ("gsm8k", GSM8K_ROWS, ["5", "2000", "4.5"]),
+        ("math500", MATH_ROWS, ["\\frac{1}{2}", "7"]),
+        ("aime24", [{"id": 60, "problem": "p", "answer": "025", "url": "u", "year": "2024"}], ["025"]),
+    ],
+)
+def test_benchmark_names_load_their_hub_sets(monkeypatch, name, rows, golds):
+    calls = fake_datasets(monkeypatch, rows=rows)
+    problems = load_problems(name)
+    bench = BENCHMARKS[name]
+    assert calls == [(bench.hub_id, bench.hub_config, bench.split)]
+    assert [p.gold for p in problems] == golds
+
+
+def test_other_hub_ids_take_split_and_fields(monkeypatch):
+    calls = fake_datasets(monkeypatch, rows=[{"Problem": "p", "Answer": 3}])
+    problems = load_problems("someone/aime_2025", split="train")
+    assert calls == [("someone/aime_2025", None, "train")]
+    assert (problems[0].question, problems[0].gold) == ("p", "3")
+
+
+def test_demo_problems_are_shipped_numeric_and_unique():
+    assert DEMO_PROBLEMS_PATH.parent.parent == Path(data.__file__).resolve().parent
+    problems = load_problems("demo")
+    assert len(problems) == 8
+    assert len({p.id for p in problems}) == 8
+    assert all(p.answer_kind == "number" and p.gold.isdigit() for p in problems)
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the project's benchmark copies are not present")
+@pytest.mark.parametrize(
+    ("file", "count", "first_gold", "kind"),
+    [
+        ("gsm8k_test.jsonl", 1319, "18", "number"),
+        ("math500_test.jsonl", 500, "\\left( 3, \\frac{\\pi}{2} \\right)", "math"),
+        ("aime24_test.jsonl", 30, "204", "number"),
+    ],
+)
+def test_the_public_sets_load_from_local_copies(file, count, first_gold, kind):
+    problems = load_problems(SHARED_DATA / file)
+    assert len(problems) == count and len({p.id for p in problems}) == count
+    assert problems[0].gold == first_gold and problems[0].answer_kind == kind

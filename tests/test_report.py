@@ -1,0 +1,126 @@
+"""Reports: the Markdown table's numbers equal what the JSONL holds, and the plots are written."""
+
+import json
+from pathlib import Path
+
+import pytest
+from fake_method_run import FakeMethod, make_problems
+from latentseek.report import (
+    ACCURACY_PLOT,
+    ITERATIONS_PLOT,
+    REPORT_FILE,
+    REWARD_PLOT,
+    default_report_dir,
+    markdown_table,
+    mean_reward_by_iteration,
+    report,
+)
+from latentseek.runs import RESULTS_FILE, SHARD_DIR, RecordWriter, RunError, load_run, run_eval
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class NoRewardMethod(FakeMethod):
+    """Like a greedy chain-of-thought baseline: no iterations, no rewards, all answers right."""
+
+    def solve_batch(self, problems):
+        return [
+            {**r, "prediction": p.gold, "correct": True, "iterations": 0, "rewards": []}
+            for p, r in zip(problems, super().solve_batch(problems), strict=True)
+        ]
+
+
+@pytest.fixture
+def runs(tmp_path) -> list[Path]:
+    a, b = tmp_path / "runs" / "latentseek-8", tmp_path / "runs" / "cot-5"
+    run_eval(FakeMethod(), make_problems(8), a, {"method": "latentseek"}, batch_size=3, progress=False)
+    run_eval(NoRewardMethod(), make_problems(5), b, {"method": "cot"}, progress=False)
+    return [a, b]
+
+
+def table_rows(markdown: str) -> dict[str, list[str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("|")][2:]  # after the header and rule
+    return {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+
+
+def expected_from_jsonl(run_dir: Path) -> dict[str, float]:
+    records = [json.loads(line) for line in (run_dir / RESULTS_FILE).read_text().splitlines()]
+    n = len(records)
+    return {
+        "problems": n,
+        "correct": sum(r["correct"] for r in records),
+        "iterations": sum(r["iterations"] for r in records) / n,
+        "tokens": sum(r["tokens"] for r in records) / n,
+        "seconds": sum(r["seconds"] for r in records) / n,
+    }
+
+
+def rounds_to(cell: str, value: float, decimals: int) -> bool:
+    """Whether a table cell is `value` rounded to `decimals` places (half a unit, plus float noise)."""
+    return abs(float(cell) - value) <= 0.5 * 10**-decimals + 1e-9
+
+
+def test_report_table_equals_the_jsonl_and_files_exist(runs, tmp_path):
+    out = tmp_path / "report"
+    result = report(runs, out)
+    assert result.markdown_path == out / REPORT_FILE
+    assert result.markdown_path.read_text() == result.markdown and result.table in result.markdown
+    assert [p.name for p in result.plot_paths] == [ACCURACY_PLOT, REWARD_PLOT, ITERATIONS_PLOT]
+    for plot in result.plot_paths:
+        assert plot.read_bytes().startswith(PNG_SIGNATURE) and plot.stat().st_size > 5000
+        assert f"({plot.name})" in result.markdown
+
+    rows = table_rows(result.markdown)
+    assert list(rows) == [r.name for r in runs]
+    for run_dir, method in zip(runs, ["latentseek", "cot"], strict=True):
+        want = expected_from_jsonl(run_dir)
+        got_method, problems, accuracy, iterations, tokens, seconds = rows[run_dir.name]
+        assert got_method == method and int(problems) == want["problems"]
+        assert accuracy == f"{100 * want['correct'] / want['problems']:.1f}% ({want['correct']}/{want['problems']})"
+        assert rounds_to(iterations, want["iterations"], 2)
+        assert rounds_to(tokens, want["tokens"], 1)
+        assert rounds_to(seconds, want["seconds"], 2)
+
+
+def test_fixture_numbers_are_the_ones_the_fake_method_gives(runs):
+    # p000..p007: wrong when i % 3 == 0 (3 of 8); iterations i % 4; tokens 10 (i + 1); seconds 0.5 + i / 50
+    rows = table_rows(report(runs).markdown)
+    assert rows["latentseek-8"] == ["latentseek", "8", "62.5% (5/8)", "1.50", "45.0", "0.57"]
+    assert rows["cot-5"] == ["cot", "5", "100.0% (5/5)", "0.00", "30.0", "0.54"]
+
+
+def test_mean_reward_by_iteration_counts_only_problems_that_got_there(runs):
+    # iterations i % 4 over i = 0..7 gives two problems each with 1, 2, 3, 4 rewards of -1 + 0.25 k
+    assert mean_reward_by_iteration(load_run(runs[0])) == [-1.0, -0.75, -0.5, -0.25]
+    assert mean_reward_by_iteration(load_run(runs[1])) == []
+
+
+def test_default_report_dir(runs):
+    assert default_report_dir(runs[:1]) == runs[0].resolve() / "report"
+    assert default_report_dir(runs) == runs[0].resolve().parent / "report"
+    assert report(runs[:1]).markdown_path == runs[0].resolve() / "report" / REPORT_FILE
+
+
+def test_report_reads_a_run_still_in_progress(tmp_path):
+    out = tmp_path / "run"
+    run_eval(FakeMethod(), make_problems(2), out, {"method": "latentseek"}, progress=False)
+    with RecordWriter(out / SHARD_DIR / "rank1.jsonl") as writer:
+        record = FakeMethod().solve_batch(make_problems(3)[2:])[0]
+        writer.append({"id": "p002", "gold": "3", **record})
+    (out / SHARD_DIR / "rank1.jsonl").open("ab").write(b'{"id": "p00')  # a line being written right now
+    rows = table_rows(report([out], tmp_path / "r").markdown)
+    assert rows["run"][:2] == ["latentseek", "3"]
+
+
+def test_empty_run_and_missing_config(tmp_path):
+    empty = tmp_path / "empty"
+    run_eval(FakeMethod(), [], empty, {"method": "bon"}, progress=False)
+    assert table_rows(report([empty], tmp_path / "r").markdown)["empty"] == ["bon", "0", "n/a", "n/a", "n/a", "n/a"]
+    with pytest.raises(RunError, match="not a run directory"):
+        report([tmp_path / "nothing"], tmp_path / "r")
+
+
+def test_markdown_table_header():
+    header = markdown_table([]).splitlines()[0]
+    for column in ("accuracy", "mean iterations", "tokens / problem", "seconds / problem"):
+        assert column in header
