@@ -63,6 +63,7 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "transformers>=4.45", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "transformers>=4.45", "tqdm", "matplotlib", "math-verify"],
+    extras_require={"hub": ["datasets"], "parquet": ["pyarrow"], "gguf": ["gguf", "accelerate"]},
     entry_points={"console_scripts": ["latentseek = latentseek.cli:main"]},
 )

@@ -37,7 +37,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-
 import latentseek_ext  # noqa: E402
 from latentseek_ext import reference  # noqa: E402
 

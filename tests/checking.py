@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from conftest import ATOL
 
+from conftest import ATOL
 from latentseek_ext import reference
 
 # Rows whose top-2 float64 logits are closer than this may legitimately pick either token in low precision.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checking import check_policy_grad
 
+from checking import check_policy_grad
 from latentseek_ext import reference
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from fake_method_run import FakeMethod, make_problems
 from latentseek.cli import main
 from latentseek.report import ACCURACY_PLOT, REPORT_FILE

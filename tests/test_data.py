@@ -6,6 +6,7 @@ import types
 from pathlib import Path
 
 import pytest
+
 from latentseek import data
 from latentseek.data import (
     BENCHMARKS,

@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import pytest
+
 from latentseek.judge import (
     answers_match,
     extract_answer,

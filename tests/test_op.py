@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from checking import check_policy_grad
-from conftest import DTYPES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import latentseek_ext
+from checking import check_policy_grad
+from conftest import DTYPES
 from latentseek_ext import lm_head_logprob, lm_head_policy_grad, ops, reference
 
 pytestmark = pytest.mark.skipif(not latentseek_ext.extension_available("cpu"), reason="extension not built")

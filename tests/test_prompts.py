@@ -3,6 +3,7 @@
 import json
 
 import pytest
+
 from latentseek.judge import answers_match, extract_answer
 from latentseek.prompts import (
     JSON_ANSWER_KEY,

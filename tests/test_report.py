@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from fake_method_run import FakeMethod, make_problems
 from latentseek.report import (
     ACCURACY_PLOT,

@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from fake_method_run import FakeMethod, make_problems
 from latentseek.runs import (
     CONFIG_FILE,
