@@ -49,6 +49,9 @@
 // dominant term been rounded (e.g. exp computed in bf16 around a shifted max), W[x] - acc/s would carry an error
 // of 2^-9 |W[x]| however small the gradient is. The sum s is accumulated from the fp32 P (not the rounded one), so
 // logp keeps fp32 accuracy. With ties for the maximum each tied entry enters P as exactly 1.
+// fp16 has 5 exponent bits: P below 6e-5 would be subnormal (relative error up to 50 % near 6e-8) and below 3e-8
+// it would vanish, so fp16 P is stored times 2^14 (max 16384 < 65504) and the accumulator is scaled back by 2^-14
+// at the end, both exact. bf16 has fp32's exponent range and needs no scale.
 //
 // Non-finite logits follow the CPU kernel (latentseek_ext/ops.py): NaN never enters the running max (fmaxf),
 // the token is the first NaN if any, a +inf logit makes exp(inf - inf) = NaN so logp and grad become NaN, and -inf
@@ -86,8 +89,8 @@
 namespace latentseek {
 namespace {
 
-constexpr int kMaxSplits = 1024;     // vocabulary splits of one call (the merge kernel keeps a factor per split)
-constexpr int kMaxFusedPasses = 8;   // auto: the fused kernel while row_tiles * slices <= this, else chunked
+constexpr int kMaxSplits = 1024;    // vocabulary splits of one call (the merge kernel keeps a factor per split)
+constexpr int kMaxFusedPasses = 8;  // auto: the fused kernel while row_tiles * slices <= this, else chunked
 
 // ------------------------------------------------------------------------------------------------------------
 // Device helpers
@@ -107,7 +110,9 @@ __device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b
 __device__ __forceinline__ float to_acc(const at::BFloat16& x) {
   return __bfloat162float(*reinterpret_cast<const __nv_bfloat16*>(&x));
 }
-__device__ __forceinline__ float to_acc(const at::Half& x) { return __half2float(*reinterpret_cast<const __half*>(&x)); }
+__device__ __forceinline__ float to_acc(const at::Half& x) {
+  return __half2float(*reinterpret_cast<const __half*>(&x));
+}
 __device__ __forceinline__ float to_acc(const float& x) { return x; }
 __device__ __forceinline__ double to_acc(const double& x) { return x; }
 
@@ -166,6 +171,7 @@ struct Tc;
 
 template <>
 struct Tc<at::BFloat16> {
+  static constexpr float kPScale = 1.f;  // see "Precision" above
   __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -183,6 +189,7 @@ struct Tc<at::BFloat16> {
 
 template <>
 struct Tc<at::Half> {
+  static constexpr float kPScale = 16384.f;  // 2^14: keeps P out of fp16's subnormal range
   __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -221,20 +228,20 @@ __device__ __forceinline__ at::Half from_float<at::Half>(float x) {
 
 template <typename scalar_t, typename acc_t>
 struct FusedArgs {
-  const scalar_t* z;       // [N, H] contiguous
-  const scalar_t* w;       // [V, H] contiguous
-  const scalar_t* bias;    // [V] or nullptr
-  const int64_t* tokens;   // [N] or nullptr (argmax)
-  const acc_t* reward;     // [N] or nullptr (1)
+  const scalar_t* z;      // [N, H] contiguous
+  const scalar_t* w;      // [V, H] contiguous
+  const scalar_t* bias;   // [V] or nullptr
+  const int64_t* tokens;  // [N] or nullptr (argmax)
+  const acc_t* reward;    // [N] or nullptr (1)
   int N, H, V;
-  int row_tiles;           // blockIdx.x = slice * row_tiles + row_tile
-  int slices;              // H slices of the accumulator (1 without grad)
-  int split_len;           // vocabulary entries per split, a multiple of the tile width
-  int splits;              // gridDim.y
+  int row_tiles;  // blockIdx.x = slice * row_tiles + row_tile
+  int slices;     // H slices of the accumulator (1 without grad)
+  int split_len;  // vocabulary entries per split, a multiple of the tile width
+  int splits;     // gridDim.y
   // splits == 1: the kernel finishes the rows itself.
-  int64_t* tokens_out;     // [N]
-  acc_t* logp_out;         // [N]
-  acc_t* grad_out;         // [N, H] or nullptr without grad
+  int64_t* tokens_out;  // [N]
+  acc_t* logp_out;      // [N]
+  acc_t* grad_out;      // [N, H] or nullptr without grad
   // splits > 1: partial results for merge_splits_kernel.
   RowState<acc_t>* part_state;  // [splits, N]
   acc_t* part_acc;              // [splits, N, H] or nullptr without grad
@@ -258,14 +265,14 @@ __device__ __forceinline__ void store_row_state(const FusedArgs<scalar_t, acc_t>
 // ------------------------------------------------------------------------------------------------------------
 
 struct MmaTile {
-  static constexpr int kWarpsM = 2;                      // warps along rows (16 rows each)
-  static constexpr int kWarpsN = 4;                      // warps along vocabulary (S) and along H (O)
+  static constexpr int kWarpsM = 2;  // warps along rows (16 rows each)
+  static constexpr int kWarpsN = 4;  // warps along vocabulary (S) and along H (O)
   static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
-  static constexpr int kBM = 16 * kWarpsM;               // rows per CTA
-  static constexpr int kBN = 64;                         // vocabulary entries per tile (16 per warp)
-  static constexpr int kBK = 64;                         // H elements per chunk: 128-byte smem rows
-  static constexpr int kStages = 3;                      // cp.async ring depth
-  static constexpr int kMaxSliceChunks = 8;              // O columns per CTA: 8 x 64 = 512 (64 regs/thread)
+  static constexpr int kBM = 16 * kWarpsM;   // rows per CTA
+  static constexpr int kBN = 64;             // vocabulary entries per tile (16 per warp)
+  static constexpr int kBK = 64;             // H elements per chunk: 128-byte smem rows
+  static constexpr int kStages = 3;          // cp.async ring depth
+  static constexpr int kMaxSliceChunks = 8;  // O columns per CTA: 8 x 64 = 512 (64 regs/thread)
   static constexpr int kZChunkBytes = kBM * kBK * 2;
   static constexpr int kWChunkBytes = kBN * kBK * 2;
   static constexpr int kPBytes = kBM * kBN * 2;
@@ -292,8 +299,8 @@ __global__ void __launch_bounds__(MmaTile::kThreads, 2) fused_mma_kernel(const F
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wr = warp / T::kWarpsN;  // row group: rows [16 wr, 16 wr + 16) of the tile
-  const int wc = warp % T::kWarpsN;  // column group: S columns [16 wc, +16); O columns 16 wc + 64 c + [0, 16)
+  const int wr = warp / T::kWarpsN;       // row group: rows [16 wr, 16 wr + 16) of the tile
+  const int wc = warp % T::kWarpsN;       // column group: S columns [16 wc, +16); O columns 16 wc + 64 c + [0, 16)
   const int g = lane >> 2, t = lane & 3;  // mma fragment coordinates
   const int row_tile = blockIdx.x % a.row_tiles, slice = blockIdx.x / a.row_tiles, split = blockIdx.y;
   const int r0 = row_tile * T::kBM;
@@ -446,7 +453,7 @@ __global__ void __launch_bounds__(MmaTile::kThreads, 2) fused_mma_kernel(const F
         const int v = v0 + wc * 16 + (j >> 1) * 8 + 2 * t + (j & 1);
         const float x = acc[j >> 1][2 * rh + (j & 1)];
         if (x == mx) ix = v;
-        if (x != x) nx = v;
+        if (isnan(x)) nx = v;
       }
       // Reduce over the 4 lanes of the quad (same g): together they hold the warp's 16 columns of this row.
 #pragma unroll
@@ -499,7 +506,9 @@ __global__ void __launch_bounds__(MmaTile::kThreads, 2) fused_mma_kernel(const F
         sum += p0 + p1;
         if (kWithGrad) {
           const int col = wc * 16 + nt * 8 + 2 * t;  // even: the pair shares one 32-bit word
-          *reinterpret_cast<uint32_t*>(p_tile + swz(lrow, col >> 3) + (col & 7) * 2) = Tc<scalar_t>::pack(p0, p1);
+          constexpr float kScale = Tc<scalar_t>::kPScale;
+          *reinterpret_cast<uint32_t*>(p_tile + swz(lrow, col >> 3) + (col & 7) * 2) =
+              Tc<scalar_t>::pack(p0 * kScale, p1 * kScale);
         }
       }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
@@ -587,7 +596,7 @@ __global__ void __launch_bounds__(MmaTile::kThreads, 2) fused_mma_kernel(const F
         st.nan_idx = row_nan[lrow];
         const int64_t x = a.tokens ? tok[rh] : chosen_token(st);
         const float r = a.reward ? a.reward[row] : 1.f;
-        const float inv_s = 1.f / row_s[lrow];
+        const float inv_s = 1.f / row_s[lrow] * (1.f / Tc<scalar_t>::kPScale);
         const scalar_t* wx = a.w + x * a.H;
         float* grow = a.grad_out + static_cast<int64_t>(row) * a.H;
 #pragma unroll
@@ -627,10 +636,10 @@ __global__ void __launch_bounds__(MmaTile::kThreads, 2) fused_mma_kernel(const F
 struct SimtTile {
   static constexpr int kThreads = 256;  // 8 warps; warp w owns rows w and w + 8 of the tile
   static constexpr int kRows = 16;
-  static constexpr int kBN = 32;        // one vocabulary entry per lane
+  static constexpr int kBN = 32;  // one vocabulary entry per lane
   static constexpr int kBK = 32;
   template <typename acc_t>
-  static constexpr int slice_cols() {   // O columns per CTA: 2 rows x 16 registers per lane
+  static constexpr int slice_cols() {  // O columns per CTA: 2 rows x 16 registers per lane
     return sizeof(acc_t) == 8 ? 256 : 512;
   }
 };
@@ -711,7 +720,7 @@ __global__ void __launch_bounds__(SimtTile::kThreads) fused_simt_kernel(const Fu
       x = valid ? x + (a.bias ? to_acc(a.bias[v]) : acc_t(0)) : ninf;
       const int64_t tl = tok[rh] - v0;
       if (tl >= 0 && tl < n_valid) st[rh].lx = __shfl_sync(0xffffffffu, x, static_cast<int>(tl));
-      const bool is_nan = x != x;
+      const bool is_nan = isnan(x);
       const acc_t tmax = warp_max(x);  // NaN-ignoring max
       const unsigned at_max = __ballot_sync(0xffffffffu, valid && x == tmax);
       const unsigned nans = __ballot_sync(0xffffffffu, valid && is_nan);
@@ -786,8 +795,8 @@ constexpr int kMergeThreads = 256;
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_splits_kernel(const RowState<acc_t>* part_state, const acc_t* part_acc, int splits, int N, int H,
-                        const scalar_t* w, const int64_t* tokens, const acc_t* reward, int64_t* tokens_out,
-                        acc_t* logp_out, acc_t* grad_out) {
+                        acc_t acc_scale, const scalar_t* w, const int64_t* tokens, const acc_t* reward,
+                        int64_t* tokens_out, acc_t* logp_out, acc_t* grad_out) {
   extern __shared__ __align__(16) unsigned char merge_smem[];
   acc_t* factor = reinterpret_cast<acc_t*>(merge_smem);  // [splits]
   __shared__ RowState<acc_t> final_state;
@@ -831,7 +840,7 @@ __global__ void __launch_bounds__(kMergeThreads)
   }
   if (grad_out == nullptr) return;
   const acc_t r = reward ? reward[n] : acc_t(1);
-  const acc_t inv_s = acc_t(1) / st.s;
+  const acc_t inv_s = acc_t(1) / st.s * acc_scale;  // acc_scale undoes fp16's P scale
   const scalar_t* wx = w + x * H;
   for (int h = tid; h < H; h += kMergeThreads) {
     acc_t acc = 0;
@@ -849,16 +858,16 @@ constexpr int kChunkThreads = 256;
 
 template <typename scalar_t>
 struct ChunkArgs {
-  const float* logits;    // [N, vc] = Z W_c^T, fp32
+  const float* logits;  // [N, vc] = Z W_c^T, fp32
   int vc, v0, N;
   int64_t H;
-  const scalar_t* bias;   // [V] or nullptr
-  const int64_t* tokens;  // [N] or nullptr
-  RowState<float>* state; // [N], read unless first
-  bool first;             // chunk 0: start from the empty state, O is still zero
-  scalar_t* p;            // [N, vc] probabilities exp(l - m_new), or nullptr without grad
-  float* o;               // [N, H] accumulator relative to the running max, or nullptr without grad
-  const float* t;         // [N, H] = P_{c-1} W_{c-1} of the previous chunk (relative to the previous max)
+  const scalar_t* bias;    // [V] or nullptr
+  const int64_t* tokens;   // [N] or nullptr
+  RowState<float>* state;  // [N], read unless first
+  bool first;              // chunk 0: start from the empty state, O is still zero
+  scalar_t* p;             // [N, vc] exp(l - m_new) * Tc::kPScale, or nullptr without grad
+  float* o;                // [N, H] accumulator relative to the running max, or nullptr without grad
+  const float* t;          // [N, H] = P_{c-1} W_{c-1} of the previous chunk (relative to the previous max)
 };
 
 template <typename scalar_t>
@@ -889,7 +898,7 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_rows_kernel(const ChunkAr
       mx = x;
       ix = j;
     }
-    if (x != x && nx == INT_MAX) nx = j;
+    if (isnan(x) && nx == INT_MAX) nx = j;
   }
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
@@ -937,7 +946,7 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_rows_kernel(const ChunkAr
     if (a.bias) x += to_acc(a.bias[a.v0 + j]);
     const float pv = exp_acc(x - shift);
     sum += pv;
-    if (a.p) a.p[static_cast<int64_t>(n) * a.vc + j] = from_float<scalar_t>(pv);
+    if (a.p) a.p[static_cast<int64_t>(n) * a.vc + j] = from_float<scalar_t>(pv * Tc<scalar_t>::kPScale);
   }
   sum = warp_sum(sum);
   if (lane == 0) red_s[warp] = sum;
@@ -1002,21 +1011,22 @@ struct Outputs {
 };
 
 template <typename scalar_t, typename acc_t>
-void launch_merge(const Grid& g, const at::Tensor& part_state, const at::Tensor& part_acc, const LmHeadProblem& p,
-                  Outputs& out, cudaStream_t stream) {
+void launch_merge(const Grid& g, const at::Tensor& part_state, const at::Tensor& part_acc, acc_t acc_scale,
+                  const LmHeadProblem& p, Outputs& out, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(g.splits) * sizeof(acc_t);
   merge_splits_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p.N), kMergeThreads, smem, stream>>>(
       reinterpret_cast<const RowState<acc_t>*>(part_state.data_ptr()),
-      part_acc.defined() ? part_acc.data_ptr<acc_t>() : nullptr, g.splits, static_cast<int>(p.N),
-      static_cast<int>(p.H), p.weight.data_ptr<scalar_t>(), p.tokens.defined() ? p.tokens.data_ptr<int64_t>() : nullptr,
+      part_acc.defined() ? part_acc.data_ptr<acc_t>() : nullptr, g.splits, static_cast<int>(p.N), static_cast<int>(p.H),
+      acc_scale, p.weight.data_ptr<scalar_t>(), p.tokens.defined() ? p.tokens.data_ptr<int64_t>() : nullptr,
       p.reward.defined() ? p.reward.data_ptr<acc_t>() : nullptr, out.tokens.data_ptr<int64_t>(),
       out.logp.data_ptr<acc_t>(), out.grad.defined() ? out.grad.data_ptr<acc_t>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Runs a fused kernel (mma or simt) over the grid, then the merge when the vocabulary was split.
+// acc_scale: what the kernel's accumulator must be multiplied by (undoes fp16's P scale in the tensor-core kernel).
 template <typename scalar_t, typename acc_t, typename KernelFn>
-void run_fused(KernelFn kernel, int threads, size_t smem, int rows_per_cta, int tile_v, int slices,
+void run_fused(KernelFn kernel, int threads, size_t smem, int rows_per_cta, int tile_v, int slices, acc_t acc_scale,
                const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cudaStream_t stream) {
   const int device = z.get_device();
   if (smem > 48 * 1024)
@@ -1058,7 +1068,7 @@ void run_fused(KernelFn kernel, int threads, size_t smem, int rows_per_cta, int 
                   static_cast<unsigned>(g.splits));
   kernel<<<grid, threads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (g.splits > 1) launch_merge<scalar_t, acc_t>(g, part_state, part_acc, p, out, stream);
+  if (g.splits > 1) launch_merge<scalar_t, acc_t>(g, part_state, part_acc, acc_scale, p, out, stream);
 }
 
 template <typename scalar_t>
@@ -1066,15 +1076,16 @@ void run_mma(const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cudaStre
   const bool with_grad = out.grad.defined();
   const int64_t chunks = (p.H + MmaTile::kBK - 1) / MmaTile::kBK;
   const int slices =
-      with_grad ? static_cast<int>(std::max<int64_t>(1, (chunks + MmaTile::kMaxSliceChunks - 1) / MmaTile::kMaxSliceChunks))
-                : 1;
+      with_grad
+          ? static_cast<int>(std::max<int64_t>(1, (chunks + MmaTile::kMaxSliceChunks - 1) / MmaTile::kMaxSliceChunks))
+          : 1;
   const size_t smem = MmaTile::smem_bytes(with_grad);
   if (with_grad)
     run_fused<scalar_t, float>(fused_mma_kernel<scalar_t, true>, MmaTile::kThreads, smem, MmaTile::kBM, MmaTile::kBN,
-                               slices, p, z, out, stream);
+                               slices, 1.f / Tc<scalar_t>::kPScale, p, z, out, stream);
   else
-    run_fused<scalar_t, float>(fused_mma_kernel<scalar_t, false>, MmaTile::kThreads, smem, MmaTile::kBM,
-                               MmaTile::kBN, slices, p, z, out, stream);
+    run_fused<scalar_t, float>(fused_mma_kernel<scalar_t, false>, MmaTile::kThreads, smem, MmaTile::kBM, MmaTile::kBN,
+                               slices, 1.f, p, z, out, stream);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -1084,10 +1095,10 @@ void run_simt(const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cudaStr
   const int slices = with_grad ? static_cast<int>(std::max<int64_t>(1, (p.H + kCols - 1) / kCols)) : 1;
   if (with_grad)
     run_fused<scalar_t, acc_t>(fused_simt_kernel<scalar_t, acc_t, true>, SimtTile::kThreads, 0, SimtTile::kRows,
-                               SimtTile::kBN, slices, p, z, out, stream);
+                               SimtTile::kBN, slices, acc_t(1), p, z, out, stream);
   else
     run_fused<scalar_t, acc_t>(fused_simt_kernel<scalar_t, acc_t, false>, SimtTile::kThreads, 0, SimtTile::kRows,
-                               SimtTile::kBN, slices, p, z, out, stream);
+                               SimtTile::kBN, slices, acc_t(1), p, z, out, stream);
 }
 
 #if LS_HAVE_MM_OUT_DTYPE
@@ -1133,7 +1144,8 @@ void run_chunked(const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cuda
   }
   if (with_grad) out.grad.add_(prev);  // the last chunk's product, relative to the final max
   Grid g{1, 1, 1, static_cast<int>(V)};
-  launch_merge<scalar_t, float>(g, state, with_grad ? out.grad : at::Tensor(), p, out, stream);
+  launch_merge<scalar_t, float>(g, state, with_grad ? out.grad : at::Tensor(), 1.f / Tc<scalar_t>::kPScale, p, out,
+                                stream);
 }
 #endif
 
@@ -1183,8 +1195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_cuda(const char* op, cons
   LS_CHECK(hidden.is_cuda(), op, ": the CUDA kernel got hidden on ", hidden.device());
   const c10::cuda::CUDAGuard guard(hidden.device());
   // The kernels index rows and vocabulary entries with 32-bit integers (element offsets are 64-bit).
-  LS_CHECK(p.N < (int64_t(1) << 31) && p.V < (int64_t(1) << 31) - MmaTile::kBN && p.H < (int64_t(1) << 31),
-           op, ": the CUDA kernel supports N, V and H below 2^31, got N = ", p.N, ", V = ", p.V, ", H = ", p.H);
+  LS_CHECK(p.N < (int64_t(1) << 31) && p.V < (int64_t(1) << 31) - MmaTile::kBN && p.H < (int64_t(1) << 31), op,
+           ": the CUDA kernel supports N, V and H below 2^31, got N = ", p.N, ", V = ", p.V, ", H = ", p.H);
   const auto acc = acc_dtype(hidden.scalar_type());
   at::Tensor tokens_out = at::empty({p.N}, hidden.options().dtype(at::kLong));
   at::Tensor logp_out = at::empty({p.N}, hidden.options().dtype(acc));
@@ -1201,8 +1213,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_cuda(const char* op, cons
   }
   std::vector<int64_t> grad_shape = p.lead;
   grad_shape.push_back(p.H);
-  return {tokens_out.view(p.lead), logp_out.view(p.lead),
-          with_grad ? grad_out.view(grad_shape) : grad_out.view({0})};
+  return {tokens_out.view(p.lead), logp_out.view(p.lead), with_grad ? grad_out.view(grad_shape) : grad_out.view({0})};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_policy_grad_cuda(const at::Tensor& hidden,
@@ -1213,8 +1224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_policy_grad_cuda(const at
   return lm_head_cuda("lm_head_policy_grad", hidden, weight, reward, tokens, bias, /*with_grad=*/true);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_logprob_cuda(const at::Tensor& hidden,
-                                                                    const at::Tensor& weight,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_logprob_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                                                     const c10::optional<at::Tensor>& tokens,
                                                                     const c10::optional<at::Tensor>& bias,
                                                                     bool with_grad) {
