@@ -1191,6 +1191,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_cuda(const char* op, cons
                                                             const c10::optional<at::Tensor>& bias, bool with_grad) {
   // The shared checks name the argument on the wrong device; they run first so that a CPU hidden with a CUDA
   // weight gets the same message as on the CPU kernel.
+  // The op is a leaf of autograd (its backward is registered in Python), but the dispatcher runs this kernel with
+  // grad mode as the caller left it: ATen calls in here (reshape, clone, the cuBLAS products of the chunked
+  // kernel, whose out= forms refuse inputs that require grad) must not record a graph.
+  const at::NoGradGuard no_grad;
   const LmHeadProblem p = check_lm_head_inputs(op, hidden, weight, reward, tokens, bias);
   LS_CHECK(hidden.is_cuda(), op, ": the CUDA kernel got hidden on ", hidden.device());
   const c10::cuda::CUDAGuard guard(hidden.device());
