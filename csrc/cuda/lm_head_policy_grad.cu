@@ -504,7 +504,7 @@ __global__ void __launch_bounds__(MmaTile::kThreads, 2) fused_mma_kernel(const F
         const float p0 = exp_acc(acc[nt][2 * rh] - shift[rh]);
         const float p1 = exp_acc(acc[nt][2 * rh + 1] - shift[rh]);
         sum += p0 + p1;
-        if (kWithGrad) {
+        if constexpr (kWithGrad) {
           const int col = wc * 16 + nt * 8 + 2 * t;  // even: the pair shares one 32-bit word
           constexpr float kScale = Tc<scalar_t>::kPScale;
           *reinterpret_cast<uint32_t*>(p_tile + swz(lrow, col >> 3) + (col & 7) * 2) =
@@ -539,7 +539,7 @@ __global__ void __launch_bounds__(MmaTile::kThreads, 2) fused_mma_kernel(const F
     }
 
     // ---- Phase C: O = alpha O + P W_t[:, slice] from the kept chunks ----
-    if (kWithGrad) {
+    if constexpr (kWithGrad) {
 #pragma unroll
       for (int c = 0; c < T::kMaxSliceChunks; ++c)
 #pragma unroll
@@ -583,7 +583,7 @@ __global__ void __launch_bounds__(MmaTile::kThreads, 2) fused_mma_kernel(const F
     st.lx = row_lx[tid];
     store_row_state(a, split, r0 + tid, st);
   }
-  if (kWithGrad) {
+  if constexpr (kWithGrad) {
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
       const int lrow = wr * 16 + g + 8 * rh;
@@ -735,12 +735,12 @@ __global__ void __launch_bounds__(SimtTile::kThreads) fused_simt_kernel(const Fu
         st[rh].idx = v0 + __ffs(at_max) - 1;  // lowest lane = lowest index
       }
       if (st[rh].nan_idx < 0 && nans != 0u) st[rh].nan_idx = v0 + __ffs(nans) - 1;
-      if (kWithGrad) {
+      if constexpr (kWithGrad) {
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) o[rh][j] *= alpha;
       }
     }
-    if (kWithGrad) {
+    if constexpr (kWithGrad) {
       // O[r, h] += sum_v p[r, v] W[v, h]; lane handles h = h0 + lane + 32 j (coalesced reads of W rows).
       for (int vv = 0; vv < n_valid; ++vv) {
         const acc_t p0 = __shfl_sync(0xffffffffu, p[0], vv);
@@ -764,7 +764,7 @@ __global__ void __launch_bounds__(SimtTile::kThreads) fused_simt_kernel(const Fu
     const int row = r0 + warp + 8 * rh;
     if (row >= a.N) continue;
     if (slice == 0 && lane == 0) store_row_state(a, split, row, st[rh]);
-    if (!kWithGrad) continue;
+    if constexpr (!kWithGrad) continue;
     if (a.splits == 1) {
       const int64_t x = a.tokens ? tok[rh] : chosen_token(st[rh]);
       const acc_t r = a.reward ? a.reward[row] : acc_t(1);
