@@ -1,0 +1,62 @@
+"""Small calls of every CUDA kernel of latentseek_ext, for compute-sanitizer (memcheck, racecheck, synccheck,
+initcheck); benchmarks/gpu_session.sh runs it under each tool.
+
+Covers: the tensor-core kernel with vocabulary splits (merge kernel) and with one split (in-kernel finish, which
+needs enough rows to fill the GPU), with and without the gradient, several H slices, given tokens, bias, reward; the
+SIMT kernel in fp32 / fp64 and as the bf16 fallback (H % 8 != 0); the chunked kernel. Shapes are odd on purpose
+(rows, H and V not multiples of the tiles). Exits non-zero if an output is not finite where it must be.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+import latentseek_ext
+
+
+def run(kernel: str, n: int, h: int, v: int, dtype: torch.dtype, *, with_extras: bool, grad: bool = True) -> None:
+    os.environ["LATENTSEEK_CUDA_KERNEL"] = kernel
+    g = torch.Generator(device="cpu").manual_seed(n * 7 + h * 3 + v)
+    z = (torch.randn(n, h, generator=g) / h**0.5).to(dtype).cuda()
+    w = (torch.randn(v, h, generator=g) / h**0.5).to(dtype).cuda()
+    tokens = torch.randint(0, v, (n,), generator=g).cuda() if with_extras else None
+    bias = (torch.randn(v, generator=g) * 0.1).to(dtype).cuda() if with_extras else None
+    reward = torch.randn(n, generator=g).cuda() if with_extras else None
+    if grad:
+        x, logp, out = latentseek_ext.lm_head_policy_grad(z, w, reward, tokens, bias, impl="ext")
+    else:
+        x, logp, out = torch.ops.latentseek_ext.lm_head_logprob.default(z, w, tokens, bias, False)
+    torch.cuda.synchronize()
+    ok = bool(torch.isfinite(logp).all()) and bool(torch.isfinite(out).all()) and bool(((x >= 0) & (x < v)).all())
+    print(
+        f"{kernel:8s} {str(dtype):15s} N={n:5d} H={h:4d} V={v:5d} extras={with_extras} grad={grad}: "
+        f"{'ok' if ok else 'NOT FINITE'}",
+        flush=True,
+    )
+    if not ok:
+        sys.exit(1)
+
+
+def main() -> None:
+    assert latentseek_ext.extension_available("cuda"), "latentseek_ext was built without its CUDA kernel"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for dtype in (torch.bfloat16, torch.float16):
+        run("fused", 37, 200, 1000, dtype, with_extras=True)  # vocabulary splits + merge, 1 H slice
+        run("fused", 5, 1096, 700, dtype, with_extras=False)  # 3 H slices (18 chunks), the last one partial
+        run("fused", 9, 136, 650, dtype, with_extras=True, grad=False)
+        run("chunked", 13, 72, 1100, dtype, with_extras=True)
+        run("chunked", 13, 72, 1100, dtype, with_extras=False, grad=False)
+    # One split: at least 2 CTAs per SM of 32 rows (one H slice), so the kernel finishes the rows itself.
+    run("fused", 64 * sms + 3, 72, 300, torch.bfloat16, with_extras=True)
+    run("simt", 21, 100, 900, torch.bfloat16, with_extras=True)  # H % 8 != 0: the fallback
+    run("simt", 19, 600, 500, torch.float32, with_extras=True)  # 2 H slices
+    run("simt", 7, 64, 333, torch.float64, with_extras=True, grad=False)
+    run("simt", 7, 300, 333, torch.float64, with_extras=False)
+    print("sanitizer_case: done")
+
+
+if __name__ == "__main__":
+    main()
