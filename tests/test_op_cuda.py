@@ -280,7 +280,7 @@ def test_logprob_forward_backward(kernel, dtype):
     torch.testing.assert_close(h.grad.double(), hr.grad, atol=atol, rtol=0)
     # Without grad the op skips the accumulator and returns an empty third output.
     with torch.no_grad():
-        x2, logp2, d = torch.ops.latentseek_ext.lm_head_logprob.default(hidden, weight, None, None, False)
+        logp2, x2, d = torch.ops.latentseek_ext.lm_head_logprob.default(hidden, weight, None, None, False)
     assert d.shape == (0,)
     assert torch.equal(x2, x)
     torch.testing.assert_close(logp2, logp.detach(), atol=1e-6 if dtype != torch.float64 else 1e-12, rtol=0)

@@ -379,7 +379,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_cpu(const char* op, const
                                                            const c10::optional<at::Tensor>& tokens,
                                                            const c10::optional<at::Tensor>& bias, bool with_grad) {
   LS_CHECK(hidden.device().is_cpu(), op, ": the CPU kernel got hidden on ", hidden.device());
-  const LmHeadProblem p = check_lm_head_inputs(op, hidden, weight, reward, tokens, bias);
+  // The op is a leaf of autograd (its backward is registered in Python). The dispatcher runs this kernel below the
+  // autograd key on the calling thread only: the worker threads of at::parallel_for would see inputs that require
+  // grad and the out= GEMMs would refuse them. Detached views carry no autograd state into any thread.
+  const auto detached = [](const c10::optional<at::Tensor>& t) {
+    return t.has_value() ? c10::optional<at::Tensor>(t->detach()) : c10::optional<at::Tensor>();
+  };
+  const LmHeadProblem p =
+      check_lm_head_inputs(op, hidden.detach(), weight.detach(), detached(reward), detached(tokens), detached(bias));
   const auto acc = acc_dtype(hidden.scalar_type());
   at::Tensor tokens_out = at::empty({p.N}, hidden.options().dtype(at::kLong));
   at::Tensor logp_out = at::empty({p.N}, hidden.options().dtype(acc));

@@ -1234,7 +1234,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_logprob_cuda(const at::Te
                                                                     bool with_grad) {
   // d logp / d hidden is the policy gradient with reward -1.
   auto minus_one = at::full({}, -1.0, hidden.options().dtype(acc_dtype(hidden.scalar_type())));
-  return lm_head_cuda("lm_head_logprob", hidden, weight, minus_one, tokens, bias, with_grad);
+  auto [x, logp, dlogp] = lm_head_cuda("lm_head_logprob", hidden, weight, minus_one, tokens, bias, with_grad);
+  return {logp, x, dlogp};  // the schema's order: logp leads
 }
 
 }  // namespace
