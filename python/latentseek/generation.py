@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .model import ModelAdapter
 
@@ -189,21 +189,71 @@ def sampling_picker(temperature: float, top_p: float, seed: int, num_rows: int) 
     return pick
 
 
-def _batch_cache(prefixes: Sequence[PrefixCache | None], columns: int, like: PrefixCache) -> DynamicCache:
-    """A cache of ``columns`` columns holding each row's prefix right-aligned (zeros, masked out, elsewhere)."""
-    layers = []
-    for layer, (key, value) in enumerate(like.layers):
-        keys = key.new_zeros(len(prefixes), key.shape[1], columns, key.shape[3])
-        values = value.new_zeros(len(prefixes), value.shape[1], columns, value.shape[3])
+class _BufferLayer(DynamicLayer):
+    """A cache layer that writes new keys and values in place into a preallocated buffer.
+
+    transformers' DynamicLayer concatenates the whole cache for every new token, which copies O(length) memory per
+    token (a fifth of a batch-8 decode step on CPU at 300 tokens); here a token costs O(1). ``keys`` / ``values``
+    are views of the filled part, as the models expect. :func:`extend` knows the capacity a call needs.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def allocate(self, batch: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
+        """Zeroed buffers for ``batch`` rows with the heads, head size, dtype and device of the given tensors."""
+        self.dtype, self.device = key_like.dtype, key_like.device
+        self._keys = key_like.new_zeros(batch, key_like.shape[1], self.capacity, key_like.shape[3])
+        self._values = value_like.new_zeros(batch, value_like.shape[1], self.capacity, value_like.shape[3])
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.allocate(key_states.shape[0], key_states, value_states)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {end} tokens for a capacity of {self.capacity}")
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys, self._values = self._keys[indices], self._values[indices]
+            self._expose()
+
+    def _expose(self) -> None:
+        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+
+
+def _new_cache(adapter: ModelAdapter, capacity: int) -> Cache:
+    return Cache(layers=[_BufferLayer(capacity) for _ in range(adapter.num_layers)])
+
+
+def _batch_cache(adapter: ModelAdapter, prefixes: Sequence[PrefixCache | None], columns: int, capacity: int) -> Cache:
+    """A cache whose first ``columns`` columns hold each row's prefix right-aligned (zeros, masked out, elsewhere)."""
+    cache = _new_cache(adapter, capacity)
+    like = next(p for p in prefixes if p is not None and p.length > 0)
+    for i, layer in enumerate(cache.layers):
+        layer.allocate(len(prefixes), *like.layers[i])
         for row, prefix in enumerate(prefixes):
             if prefix is not None and prefix.length > 0:
-                keys[row, :, columns - prefix.length :] = prefix.layers[layer][0][0]
-                values[row, :, columns - prefix.length :] = prefix.layers[layer][1][0]
-        layers.append((keys, values))
-    return DynamicCache(ddp_cache_data=layers)
+                key, value = prefix.layers[i]
+                layer._keys[row, :, columns - prefix.length : columns] = key[0]
+                layer._values[row, :, columns - prefix.length : columns] = value[0]
+        layer.length = columns
+        layer._expose()
+    return cache
 
 
-def _take_prefix(cache: DynamicCache, mask: torch.Tensor, row: int, length: int) -> PrefixCache:
+def _take_prefix(cache: Cache, mask: torch.Tensor, row: int, length: int) -> PrefixCache:
     """Copy the keys and values of the first ``length`` real tokens of batch row ``row``."""
     columns = mask[row].nonzero()[:length, 0]
     layers = [
@@ -256,8 +306,11 @@ def extend(
         mask[i, C + T - len(tokens) :] = 1
         input_ids[i, T - len(tokens) :] = torch.as_tensor(list(tokens), dtype=torch.long)
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)[:, C:]
-    like = next((prefix for prefix, _ in rows if prefix is not None and prefix.length > 0), None)
-    cache = _batch_cache([p for p, _ in rows], C, like) if like is not None else DynamicCache()
+    capacity = C + T + max_new_tokens
+    if C > 0:
+        cache = _batch_cache(adapter, [prefix for prefix, _ in rows], C, capacity)
+    else:
+        cache = _new_cache(adapter, capacity)
     mask, input_ids, positions = mask.to(device), input_ids.to(device), positions.to(device)
 
     tokens: list[list[int]] = [[] for _ in range(n)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache
 
 # Config attributes of transformers models that change the logits after the LM head, with their neutral values.
 _LOGIT_TRANSFORMS = {
@@ -86,6 +86,12 @@ class ModelAdapter:
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
+    @property
+    def num_layers(self) -> int:
+        config = self.model.config
+        text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        return text_config.num_hidden_layers
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``W h + b`` for hidden states ``[*, H]`` in the model's dtype."""
         return F.linear(hidden, self.weight, self.bias)
@@ -95,7 +101,7 @@ class ModelAdapter:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        cache: DynamicCache | None = None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
         """The base model's ``last_hidden_state`` ``[B, T, H]`` (post final norm), extending ``cache`` if given."""
         out = self.base(
