@@ -1,0 +1,69 @@
+"""The knobs of the LatentSeek loop, with the original implementation's defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+#: The update length L never exceeds this many latents, whatever rho and the answer length (the original's cap).
+MAX_UPDATE_LENGTH = 300
+
+Impl = Literal["auto", "ext", "reference"]
+
+
+@dataclass
+class LatentSeekConfig:
+    """Hyper-parameters of :class:`latentseek.LatentSeek` (defaults are those of the paper's code).
+
+    Attributes:
+        rho: fraction of the initial answer's tokens whose latents are optimised:
+            ``L = min(int(rho * n), MAX_UPDATE_LENGTH)`` for an answer of n generated tokens (stop token included).
+        lr: Adam learning rate on the latents z.
+        max_steps: most optimiser steps per problem.
+        reward_threshold: a problem is solved, and its loop stops, once its reward R is strictly above this.
+        start_index: first answer token whose latent is optimised; the answer's tokens before it are kept.
+        max_new_tokens: most tokens each generation produces (the first answer, and each continuation after the
+            optimised prefix).
+        grad_clip: clip each problem's gradient to this L2 norm before the Adam step (None: no clipping).
+        keep_best: return the best-rewarded answer seen instead of the last one (the earliest among equals).
+        impl: implementation of the fused LM-head op (``latentseek_ext.lm_head_policy_grad``): ``"ext"`` (the
+            compiled kernel), ``"reference"`` (pure torch), or ``"auto"`` (the kernel where it is built).
+    """
+
+    rho: float = 0.2
+    lr: float = 0.03
+    max_steps: int = 10
+    reward_threshold: float = -0.2
+    start_index: int = 0
+    max_new_tokens: int = 1024
+    grad_clip: float | None = None
+    keep_best: bool = False
+    impl: Impl = "auto"
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.rho <= 1.0):
+            raise ValueError(f"LatentSeekConfig.rho must lie in [0, 1], got {self.rho}")
+        if not (self.lr > 0.0 and math.isfinite(self.lr)):
+            raise ValueError(f"LatentSeekConfig.lr must be a positive finite number, got {self.lr}")
+        if self.max_steps < 0:
+            raise ValueError(f"LatentSeekConfig.max_steps must be >= 0, got {self.max_steps}")
+        if not math.isfinite(self.reward_threshold):
+            raise ValueError(f"LatentSeekConfig.reward_threshold must be finite, got {self.reward_threshold}")
+        if self.start_index < 0:
+            raise ValueError(f"LatentSeekConfig.start_index must be >= 0, got {self.start_index}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"LatentSeekConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.grad_clip is not None and not (self.grad_clip > 0.0):
+            raise ValueError(f"LatentSeekConfig.grad_clip must be None or > 0, got {self.grad_clip}")
+        if self.impl not in ("auto", "ext", "reference"):
+            raise ValueError(f"LatentSeekConfig.impl must be 'auto', 'ext' or 'reference', got {self.impl!r}")
+
+
+def update_length(answer_length: int, rho: float, start_index: int) -> int:
+    """L, the number of latents optimised for an initial answer of ``answer_length`` generated tokens.
+
+    ``min(int(rho * answer_length), MAX_UPDATE_LENGTH)`` as in the original, then clipped to the latents that
+    exist after ``start_index`` (the original indexed past the end there). 0 means the answer is returned unchanged.
+    """
+    return max(0, min(int(rho * answer_length), MAX_UPDATE_LENGTH, answer_length - start_index))

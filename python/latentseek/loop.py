@@ -1,0 +1,341 @@
+r"""The LatentSeek loop (arXiv 2505.13308): test-time policy gradient on the hidden states an LM head reads.
+
+For each problem (the semantics of the paper's code, ``opt_generation.py``):
+
+1. **generate** a greedy answer from the chat prompt, keeping the post-norm hidden state h_t behind every token;
+   stop at EOS / end-of-turn or after ``max_new_tokens``. The answer's length n counts its stop token.
+2. **reward** it: R = reward(question, answer). If R > ``reward_threshold`` the answer is returned.
+3. The latents z = h[start : start + L], ``L = min(int(rho * n), 300)`` (computed once, from the first answer),
+   are the parameters of an Adam optimiser (lr). L = 0 returns the answer unchanged.
+4. Up to ``max_steps`` times, while R <= threshold:
+
+   - **update**: with x = argmax lm_head(z), one Adam step on the loss ``-R * sum_t log p(x_t | z_t)``
+     (gradient clipped per problem when ``grad_clip`` is set);
+   - **decode**: the new prefix x' = argmax lm_head(z'); the model continues greedily after
+     prompt + answer[:start] + x' (at most ``max_new_tokens`` more tokens);
+   - **reward** the new answer answer[:start] + x' + continuation; its reward becomes R.
+
+   The same z and Adam state are carried across steps. The last answer is returned (``keep_best``: the best
+   rewarded one).
+
+The stop token rule: if the new prefix x' contains a stop token, the answer ends at the first one (inclusive) and
+nothing is generated after it: the model would end its turn there, and text after an end-of-turn is not part of
+the answer. (The original kept decoding past it.)
+
+What is not wasted here. The gradient is ``latentseek_ext.lm_head_policy_grad`` (one pass over the vocabulary, no
+autograd through the model or the LM head). Since the gradient is linear in R, the op runs once per step at the
+updated z' with reward 1: its argmax is the new prefix x', and its ``-d log p / dz'`` times the next R is the next
+step's gradient, so each step makes a single pass over the LM head. The KV cache of prompt + answer[:start] is
+taken from the first generation and reused by every step; generation is KV-cached. ``solve_batch`` runs all
+problems through each phase together (batched generation, one fused-op call for all active latents, one reward
+call), and a problem leaves the batch as soon as it is solved.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import latentseek_ext
+from latentseek_ext.reference import acc_dtype
+
+from .config import LatentSeekConfig, update_length
+from .generation import PrefixCache, Problem, as_messages, build_prompt_ids, extend, question_text, stop_token_ids
+from .model import ModelAdapter
+from .rewards import RewardLike, as_reward, evaluate
+
+PHASES = ("generate", "reward", "update")
+
+
+@dataclass
+class Result:
+    """The outcome of LatentSeek on one problem.
+
+    Attributes:
+        question: the question text the reward saw.
+        answers: every answer, the first (greedy) one first, then one per optimiser step.
+        answer_ids: their token ids (stop token included when one was generated).
+        rewards: the reward of each answer; ``reward_details``: the reward's per-answer details.
+        final_index: which answer is returned (the last, or the best with ``keep_best``).
+        steps: optimiser steps taken; ``update_length``: L, the number of optimised latents.
+        solved: whether the returned answer's reward is above the threshold.
+        prompt_tokens: length of the chat-formatted prompt.
+        generated_tokens: tokens the model generated (first answer and every continuation).
+        prefill_tokens: tokens fed without being generated (the prompt once, each step's new prefix).
+        time: wall seconds per phase ("generate", "reward", "update"); a batched phase is shared equally by
+            the problems that took part in it.
+    """
+
+    question: str
+    answers: list[str]
+    answer_ids: list[list[int]]
+    rewards: list[float]
+    reward_details: list[Mapping[str, Any]]
+    final_index: int
+    steps: int
+    update_length: int
+    solved: bool
+    prompt_tokens: int
+    generated_tokens: int
+    prefill_tokens: int
+    time: dict[str, float]
+
+    @property
+    def initial_answer(self) -> str:
+        return self.answers[0]
+
+    @property
+    def final_answer(self) -> str:
+        return self.answers[self.final_index]
+
+    @property
+    def initial_reward(self) -> float:
+        return self.rewards[0]
+
+    @property
+    def final_reward(self) -> float:
+        return self.rewards[self.final_index]
+
+    @property
+    def total_time(self) -> float:
+        return sum(self.time.values())
+
+
+@dataclass
+class _Search:
+    """One problem's state through the loop."""
+
+    question: str
+    gold: str | None
+    prompt: list[int]
+    answers: list[list[int]] = field(default_factory=list)
+    rewards: list[float] = field(default_factory=list)
+    details: list[Mapping[str, Any]] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)  # answer[:start]
+    cache: PrefixCache | None = None  # KV of prompt + answer[:start]
+    z: torch.nn.Parameter | None = None
+    prefix: list[int] = field(default_factory=list)  # x = argmax lm_head(z)
+    direction: torch.Tensor | None = None  # -d log p(x | z) / dz, [L, H]
+    steps: int = 0
+    generated: int = 0
+    prefilled: int = 0
+    time: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+
+class LatentSeek:
+    """LatentSeek over a transformers causal LM.
+
+    Args:
+        model: a causal LM (Qwen2/2.5/3, Llama, Mistral, ...; tied or untied LM head) in eval mode.
+        tokenizer: its tokenizer, with a chat template.
+        reward: a :class:`~latentseek.rewards.BatchReward` or a callable ``f(question, answer[, gold]) -> float``.
+        config: the hyper-parameters (default :class:`LatentSeekConfig`).
+
+    Example::
+
+        model, tokenizer = latentseek.load_model("/models/qwen2.5-0.5b-instruct-q4.gguf")
+        reward = latentseek.rewards.SelfReward(model, tokenizer)
+        seek = latentseek.LatentSeek(model, tokenizer, reward, latentseek.LatentSeekConfig(rho=0.2, lr=0.03))
+        result = seek.solve("Tom has 3 apples and buys 5 more. How many apples does he have?")
+        print(result.final_answer, result.rewards, result.steps)
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, tokenizer, reward: RewardLike, config: LatentSeekConfig | None = None
+    ) -> None:
+        self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+        self.tokenizer = tokenizer
+        self.reward = as_reward(reward)
+        self.config = config or LatentSeekConfig()
+        self.stop_ids = stop_token_ids(tokenizer, self.adapter)
+        if self.config.impl == "ext" and not latentseek_ext.extension_available(self.adapter.device):
+            raise RuntimeError(
+                f"LatentSeekConfig.impl='ext' but latentseek_ext has no compiled kernel for {self.adapter.device}; "
+                "build it (pip install --no-build-isolation -e .) or use impl='auto' / 'reference'"
+            )
+
+    def solve(self, problem: Problem, gold: str | None = None) -> Result:
+        """LatentSeek on one question (a string, or a list of chat messages)."""
+        if not isinstance(problem, str) and problem and all(isinstance(p, str) for p in problem):
+            raise TypeError("solve takes one problem (a string or a list of messages); use solve_batch for a list")
+        return self.solve_batch([problem], None if gold is None else [gold])[0]
+
+    def solve_batch(
+        self,
+        problems: Sequence[Problem],
+        golds: Sequence[str | None] | None = None,
+        *,
+        progress: bool | Callable[[int, int], None] = False,
+    ) -> list[Result]:
+        """LatentSeek on several problems at once; the results equal those of :meth:`solve` one by one.
+
+        Args:
+            problems: questions (strings) or chat message lists.
+            golds: reference answers for rewards that use them (one per problem, or None).
+            progress: True shows a tqdm bar; a callable gets ``(problems finished, total)`` after every phase.
+        """
+        if isinstance(problems, str) or not isinstance(problems, Sequence):
+            raise TypeError("solve_batch takes a list of problems")
+        if not problems:
+            raise ValueError("solve_batch got no problems")
+        golds = [None] * len(problems) if golds is None else list(golds)
+        if len(golds) != len(problems):
+            raise ValueError(f"got {len(golds)} gold answers for {len(problems)} problems")
+        searches = [
+            _Search(question_text(as_messages(p)), g, build_prompt_ids(self.tokenizer, p))
+            for p, g in zip(problems, golds, strict=True)
+        ]
+        report = _progress_reporter(progress, len(searches))
+
+        self._generate(searches)
+        self._reward(searches)
+        report(sum(not self._searching(s) for s in searches))
+        active = self._init_latents(searches)
+        optimizer = torch.optim.Adam([s.z for s in active], lr=self.config.lr) if active else None
+        while active:
+            self._update(active, optimizer)
+            self._decode(active)
+            self._reward(active)
+            report(sum(not self._searching(s) for s in searches))
+            active = [s for s in active if self._searching(s)]
+        report(len(searches), close=True)
+        return [self._result(s) for s in searches]
+
+    # --- the steps ---------------------------------------------------------------------------------------------
+
+    def _searching(self, s: _Search) -> bool:
+        return s.z is not None and s.rewards[-1] <= self.config.reward_threshold and s.steps < self.config.max_steps
+
+    def _generate(self, searches: list[_Search]) -> None:
+        """Step 1: the greedy answers, their hidden states, and the KV cache of prompt + answer[:start]."""
+        start = self.config.start_index
+        with self._timed(searches, "generate"):
+            gen = extend(
+                self.adapter,
+                [(None, s.prompt) for s in searches],
+                self.config.max_new_tokens,
+                self.stop_ids,
+                return_hidden=True,
+                keep_prefix=[len(s.prompt) + start for s in searches],
+            )
+        for s, tokens, hidden, cache in zip(searches, gen.tokens, gen.hidden, gen.prefixes, strict=True):
+            s.answers.append(tokens)
+            s.generated += len(tokens)
+            s.prefilled += len(s.prompt)
+            L = update_length(len(tokens), self.config.rho, start)
+            if L > 0:
+                s.kept, s.cache = tokens[:start], cache
+                # z is float32 (float64 for float64 models) whatever the model dtype, so that Adam's small steps
+                # are not rounded away in bfloat16; the LM head reads z cast to the model dtype.
+                s.z = torch.nn.Parameter(hidden[start : start + L].to(acc_dtype(self.adapter.dtype)).clone())
+
+    def _reward(self, searches: list[_Search]) -> None:
+        """Step 2: R for the latest answer of each problem, all in one reward call."""
+        with self._timed(searches, "reward"):
+            texts = [self.tokenizer.decode(s.answers[-1], skip_special_tokens=True) for s in searches]
+            scores = evaluate(self.reward, [s.question for s in searches], texts, [s.gold for s in searches])
+        for s, score in zip(searches, scores, strict=True):
+            s.rewards.append(score.value)
+            s.details.append(score.details)
+
+    def _init_latents(self, searches: list[_Search]) -> list[_Search]:
+        """Step 3: the problems that need optimising, with x = argmax lm_head(z) and its log-prob gradient."""
+        active = [s for s in searches if self._searching(s)]
+        if active:
+            with self._timed(active, "update"):
+                self._policy(active)
+        return active
+
+    def _policy(self, searches: list[_Search]) -> None:
+        """One fused-op call over the latents of all ``searches``: x = argmax lm_head(z), -d log p(x | z) / dz."""
+        z = torch.cat([s.z.detach() for s in searches]).to(self.adapter.dtype)
+        x, _, direction = latentseek_ext.lm_head_policy_grad(
+            z, self.adapter.weight, None, bias=self.adapter.bias, impl=self.config.impl
+        )
+        sizes = [s.z.shape[0] for s in searches]
+        for s, xs, ds in zip(searches, x.split(sizes), direction.split(sizes), strict=True):
+            s.prefix, s.direction = xs.tolist(), ds.to(s.z.dtype)
+
+    def _update(self, searches: list[_Search], optimizer: torch.optim.Optimizer) -> None:
+        """Step 4a: one Adam step on -R * sum_t log p(x_t | z_t) for each problem, then the new prefix x'."""
+        with self._timed(searches, "update"):
+            for s in searches:
+                s.z.grad = s.rewards[-1] * s.direction
+                if self.config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_([s.z], self.config.grad_clip)
+            optimizer.step()  # problems that left the loop have no grad, so Adam leaves their z and state alone
+            for s in searches:
+                s.z.grad = None
+                s.steps += 1
+            self._policy(searches)
+
+    def _decode(self, searches: list[_Search]) -> None:
+        """Step 4b: answer[:start] + x' + the greedy continuation after it (none if x' contains a stop token)."""
+        stop = set(self.stop_ids)
+        rows, continued = [], []
+        for s in searches:
+            cut = next((i for i, t in enumerate(s.prefix) if t in stop), None)
+            if cut is None:
+                rows.append((s.cache, s.prefix))
+                continued.append(s)
+            else:
+                s.answers.append(s.kept + s.prefix[: cut + 1])
+        with self._timed(searches, "generate"):
+            gen = extend(self.adapter, rows, self.config.max_new_tokens, self.stop_ids) if rows else None
+        for i, s in enumerate(continued):
+            s.answers.append(s.kept + s.prefix + gen.tokens[i])
+            s.generated += len(gen.tokens[i])
+            s.prefilled += len(s.prefix)
+
+    def _result(self, s: _Search) -> Result:
+        final = max(range(len(s.rewards)), key=lambda i: (s.rewards[i], -i)) if self.config.keep_best else -1
+        final %= len(s.rewards)
+        return Result(
+            question=s.question,
+            answers=[self.tokenizer.decode(a, skip_special_tokens=True) for a in s.answers],
+            answer_ids=s.answers,
+            rewards=s.rewards,
+            reward_details=s.details,
+            final_index=final,
+            steps=s.steps,
+            update_length=0 if s.z is None else s.z.shape[0],
+            solved=s.rewards[final] > self.config.reward_threshold,
+            prompt_tokens=len(s.prompt),
+            generated_tokens=s.generated,
+            prefill_tokens=s.prefilled,
+            time=s.time,
+        )
+
+    @contextmanager
+    def _timed(self, searches: list[_Search], phase: str):
+        """Add the phase's wall time, shared equally, to each problem taking part (CUDA work included)."""
+        t0 = time.perf_counter()
+        yield
+        if self.adapter.device.type == "cuda":
+            torch.cuda.synchronize(self.adapter.device)
+        share = (time.perf_counter() - t0) / max(1, len(searches))
+        for s in searches:
+            s.time[phase] += share
+
+
+def _progress_reporter(progress: bool | Callable[[int, int], None], total: int):
+    """``report(done, close=False)``: forwards to the callback, or drives a tqdm bar."""
+    if callable(progress):
+        return lambda done, close=False: progress(done, total)
+    if not progress:
+        return lambda done, close=False: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="LatentSeek", unit="problem")
+
+    def report(done: int, close: bool = False) -> None:
+        bar.update(done - bar.n)
+        if close:
+            bar.close()
+
+    return report

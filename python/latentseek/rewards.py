@@ -1,0 +1,289 @@
+"""Rewards: score many (question, answer[, gold]) triples at once.
+
+A reward is either a :class:`BatchReward` (``score(questions, answers, golds) -> list[Score]``) or any Python
+callable ``f(question, answer)`` / ``f(question, answer, gold)`` returning a float (wrapped by :func:`as_reward`).
+:func:`evaluate` is the one place where a reward's output is checked (count, finiteness).
+
+- :class:`SelfReward`: the paper's self-verification. The same model answers four verification questions about
+  each answer; every check that does not end in an explicit ``Verdict: True`` costs its weight:
+  ``R = -(sum of failed weights + format_penalty * [format rule failed]) / (sum of weights)``.
+- :class:`OracleReward`: 0 when the answer's final value matches the gold answer, else -1 (PSRM).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from .generation import build_prompt_ids, extend, greedy_picker, stop_token_ids
+from .judge import answers_match
+from .model import ModelAdapter
+
+
+@dataclass(frozen=True)
+class Score:
+    """A reward value with per-answer details (which checks failed, missing verdicts, ...) for the record."""
+
+    value: float
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class BatchReward(Protocol):
+    def score(self, questions: Sequence[str], answers: Sequence[str], golds: Sequence[str | None]) -> list[Score]:
+        """One :class:`Score` per answer; ``golds[i]`` is None when problem i has no reference answer."""
+        ...
+
+
+class CallableReward:
+    """Wraps ``f(question, answer)`` or ``f(question, answer, gold)`` (chosen by its signature) returning a float
+    or a :class:`Score`; the answers are scored one by one."""
+
+    def __init__(self, fn: Callable[..., float | Score]) -> None:
+        self.fn = fn
+        try:
+            inspect.signature(fn).bind(None, None, None)
+            self.takes_gold = True
+        except TypeError:
+            self.takes_gold = False
+        except ValueError:  # builtins without a signature: call them with (question, answer)
+            self.takes_gold = False
+
+    def score(self, questions: Sequence[str], answers: Sequence[str], golds: Sequence[str | None]) -> list[Score]:
+        out = []
+        for q, a, g in zip(questions, answers, golds, strict=True):
+            value = self.fn(q, a, g) if self.takes_gold else self.fn(q, a)
+            out.append(value if isinstance(value, Score) else Score(_as_float(value)))
+        return out
+
+
+RewardLike = BatchReward | Callable[..., float | Score]
+
+
+def as_reward(reward: RewardLike) -> BatchReward:
+    """A :class:`BatchReward` as is; any other callable wrapped in :class:`CallableReward`."""
+    if isinstance(reward, BatchReward):
+        return reward
+    if callable(reward):
+        return CallableReward(reward)
+    raise TypeError(f"a reward must be a BatchReward or a callable, got {type(reward).__name__}")
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a reward must be one number per answer, got a tensor of shape {list(value.shape)}")
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"a reward must be a number per answer, got {value!r}") from e
+
+
+def evaluate(
+    reward: BatchReward, questions: Sequence[str], answers: Sequence[str], golds: Sequence[str | None]
+) -> list[Score]:
+    """Score the answers and check the result: one finite value per answer, else ValueError."""
+    scores = reward.score(list(questions), list(answers), list(golds))
+    if not isinstance(scores, (list, tuple)) or len(scores) != len(answers):
+        got = len(scores) if isinstance(scores, (list, tuple)) else type(scores).__name__
+        raise ValueError(f"the reward returned {got} scores for {len(answers)} answers")
+    checked = []
+    for i, s in enumerate(scores):
+        s = s if isinstance(s, Score) else Score(_as_float(s))
+        if not math.isfinite(s.value):
+            raise ValueError(f"the reward returned {s.value} for answer {i} (question {questions[i][:80]!r})")
+        checked.append(s)
+    return checked
+
+
+# --- self-verification ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verification question: ``prompt`` is formatted with ``question`` and ``answer``."""
+
+    name: str
+    weight: float
+    prompt: str
+
+
+VERDICT_INSTRUCTION = (
+    "Explain your reasoning briefly. Then write, as the very last line of your reply, exactly `Verdict: True` "
+    "if {criterion}, or exactly `Verdict: False` otherwise."
+)
+
+_HEADER = "Here is a problem and a proposed solution.\n\nProblem:\n{question}\n\nProposed solution:\n{answer}\n\n"
+
+#: The four self-verification checks of the paper (weights 2, 1, 2, 1), in our own words.
+CHECKS: tuple[Check, ...] = (
+    Check(
+        "calculation",
+        2.0,
+        _HEADER
+        + "Redo every arithmetic step of the proposed solution yourself. "
+        + VERDICT_INSTRUCTION.format(criterion="every calculation in it is correct"),
+    ),
+    Check(
+        "final_answer",
+        1.0,
+        _HEADER
+        + "Solve the problem independently and compare your result with the solution's final answer. "
+        + VERDICT_INSTRUCTION.format(criterion="the solution's final answer is correct"),
+    ),
+    Check(
+        "completeness",
+        2.0,
+        _HEADER
+        + "Check that the solution reaches the end of the problem and states one definite final value. "
+        + VERDICT_INSTRUCTION.format(criterion="the solution is complete and ends with a definite final value"),
+    ),
+    Check(
+        "understanding",
+        1.0,
+        _HEADER
+        + "Check that the solution answers the question that was actually asked and uses the given facts correctly. "
+        + VERDICT_INSTRUCTION.format(criterion="the solution understood the problem correctly"),
+    ),
+)
+
+# A verdict is a whole line "Verdict: True" / "Verdict: False" (case-insensitive, optional markdown bold and a
+# final period); inline mentions and fenced code blocks do not count.
+_VERDICT_LINE = re.compile(
+    r"^[ \t]*\**[ \t]*verdict[ \t]*:[ \t]*\**[ \t]*(true|false)[ \t]*\**[ \t]*\.?[ \t]*$", re.I | re.M
+)
+_FENCED = re.compile(r"```.*?(```|\Z)", re.S)
+
+#: The rule-format regex of the original code for a boxed final answer.
+BOXED_FORMAT = r"\\boxed\{.*\}"
+
+
+def parse_verdict(response: str) -> bool | None:
+    """The verdict of a verifier response: the last verdict line's value, or None when it has none.
+
+    Only the generated response is read (never the prompt, whose instructions contain example verdicts).
+    """
+    matches = _VERDICT_LINE.findall(_FENCED.sub("", response))
+    return None if not matches else matches[-1].lower() == "true"
+
+
+class SelfReward:
+    """Self-verification reward: the answering model grades each answer with the :data:`CHECKS`.
+
+    All verifier prompts of all answers go through one batched greedy generation.
+
+    Args:
+        model: the causal LM (or its :class:`~latentseek.model.ModelAdapter`).
+        tokenizer: its tokenizer (chat template required).
+        checks: the verification questions and their weights.
+        max_new_tokens: most tokens per verifier response; a response cut before its verdict fails its check.
+        format_rule: optional regex the answer must match (e.g. :data:`BOXED_FORMAT`).
+        format_penalty: added to the failed weight when ``format_rule`` does not match (the original used 2).
+
+    ``Score.details``: ``failed`` (names of failed checks), ``missing_verdicts`` (how many responses had no
+    verdict), ``format_ok`` (None without a rule), ``verifier_tokens`` (tokens generated for this answer).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | ModelAdapter,
+        tokenizer,
+        *,
+        checks: Sequence[Check] = CHECKS,
+        max_new_tokens: int = 512,
+        format_rule: str | None = None,
+        format_penalty: float = 2.0,
+    ) -> None:
+        if not checks:
+            raise ValueError("SelfReward needs at least one check")
+        if max_new_tokens < 1:
+            raise ValueError(f"SelfReward.max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+        self.tokenizer = tokenizer
+        self.checks = tuple(checks)
+        self.max_new_tokens = max_new_tokens
+        self.format_rule = None if format_rule is None else re.compile(format_rule, re.S)
+        self.format_penalty = float(format_penalty)
+        self.stop_ids = stop_token_ids(tokenizer, self.adapter)
+
+    def responses(self, questions: Sequence[str], answers: Sequence[str]) -> tuple[list[list[str]], list[int]]:
+        """The verifier responses ``[answer][check]`` and the tokens generated per answer (one batched call)."""
+        prompts = [
+            build_prompt_ids(self.tokenizer, check.prompt.format(question=q, answer=a))
+            for q, a in zip(questions, answers, strict=True)
+            for check in self.checks
+        ]
+        gen = extend(
+            self.adapter, [(None, p) for p in prompts], self.max_new_tokens, self.stop_ids, picker=greedy_picker()
+        )
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
+        k = len(self.checks)
+        per_answer = [texts[i * k : (i + 1) * k] for i in range(len(answers))]
+        tokens = [sum(len(t) for t in gen.tokens[i * k : (i + 1) * k]) for i in range(len(answers))]
+        return per_answer, tokens
+
+    def score(self, questions: Sequence[str], answers: Sequence[str], golds: Sequence[str | None]) -> list[Score]:
+        if not answers:
+            return []
+        responses, tokens = self.responses(questions, answers)
+        total = sum(c.weight for c in self.checks)
+        scores = []
+        for answer, replies, n_tokens in zip(answers, responses, tokens, strict=True):
+            verdicts = [parse_verdict(r) for r in replies]
+            failed = [c.name for c, v in zip(self.checks, verdicts, strict=True) if v is not True]
+            penalty = sum(c.weight for c, v in zip(self.checks, verdicts, strict=True) if v is not True)
+            format_ok = None if self.format_rule is None else self.format_rule.search(answer) is not None
+            if format_ok is False:
+                penalty += self.format_penalty
+            details = {
+                "failed": failed,
+                "missing_verdicts": sum(v is None for v in verdicts),
+                "format_ok": format_ok,
+                "verifier_tokens": n_tokens,
+            }
+            scores.append(Score(-penalty / total, details))
+        return scores
+
+
+# --- oracle ----------------------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def last_number_judge(response: str, gold: str) -> bool:
+    """A simple numeric judge: the last number in the response equals the gold number (commas ignored)."""
+    found, want = _NUMBER.findall(response), _NUMBER.findall(gold)
+    if not found or not want:
+        return False
+    try:
+        return math.isclose(float(found[-1].replace(",", "")), float(want[-1].replace(",", "")), abs_tol=1e-9)
+    except ValueError:
+        return False
+
+
+class OracleReward:
+    """PSRM: 0 when ``judge(answer, gold)`` says the answer's final value is right, else -1.
+
+    Args:
+        judge: ``judge(response_text, gold) -> bool``; None uses :func:`latentseek.judge.answers_match` (numbers as
+            numbers, MATH answers by math-verify equivalence).
+    """
+
+    def __init__(self, judge: Callable[[str, str], bool] | None = None) -> None:
+        self.judge = judge
+
+    def score(self, questions: Sequence[str], answers: Sequence[str], golds: Sequence[str | None]) -> list[Score]:
+        judge = self.judge or answers_match
+        out = []
+        for i, (answer, gold) in enumerate(zip(answers, golds, strict=True)):
+            if gold is None:
+                raise ValueError(f"OracleReward needs a gold answer, problem {i} has none")
+            out.append(Score(0.0 if judge(answer, gold) else -1.0))
+        return out

@@ -1,0 +1,74 @@
+"""A naive LatentSeek, written as the paper's code runs it: no KV cache (a full forward over the whole sequence
+for every token) and autograd through the LM head. It is the reference of tests/test_loop.py and the baseline of
+benchmarks/bench_loop.py."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from latentseek import MAX_UPDATE_LENGTH, LatentSeekConfig
+from latentseek.generation import build_prompt_ids, stop_token_ids
+
+
+class Scripted:
+    """Reward i of a question is ``script[i]`` (the last value repeats): the same sequence for every runner."""
+
+    def __init__(self, script: list[float]) -> None:
+        self.script = script
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def __call__(self, question: str, answer: str) -> float:
+        i = self.calls[question]
+        self.calls[question] += 1
+        return self.script[min(i, len(self.script) - 1)]
+
+
+def naive_generate(model, ids: list[int], max_new: int, stop: set[int]) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding with a full forward over the whole sequence for every token, as the original did."""
+    tokens, hidden = [], []
+    with torch.no_grad():
+        for _ in range(max_new):
+            h = model.model(torch.tensor([ids + tokens])).last_hidden_state[0, -1]
+            tokens.append(int(model.lm_head(h).argmax()))
+            hidden.append(h)
+            if tokens[-1] in stop:
+                break
+    return tokens, hidden
+
+
+def naive_latentseek(model, tok, question: str, reward, cfg: LatentSeekConfig) -> tuple[list[list[int]], list[float]]:
+    """LatentSeek as the paper's code runs it (plus this project's stop-token-in-prefix rule)."""
+    stop = set(stop_token_ids(tok, model))
+    prompt = build_prompt_ids(tok, question)
+    answer, hidden = naive_generate(model, prompt, cfg.max_new_tokens, stop)
+    answers, rewards = [answer], [reward(question, tok.decode(answer, skip_special_tokens=True))]
+    start = cfg.start_index
+    L = min(int(cfg.rho * len(answer)), MAX_UPDATE_LENGTH, len(answer) - start)
+    if L <= 0:
+        return answers, rewards
+    z = torch.nn.Parameter(torch.stack(hidden[start : start + L]).clone())
+    optimizer = torch.optim.Adam([z], lr=cfg.lr)
+    for _ in range(cfg.max_steps):
+        if rewards[-1] > cfg.reward_threshold:
+            break
+        optimizer.zero_grad()
+        logits = model.lm_head(z)
+        x = logits.argmax(-1)
+        loss = -rewards[-1] * torch.log_softmax(logits, -1).gather(1, x[:, None]).sum()
+        loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([z], cfg.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            prefix = model.lm_head(z).argmax(-1).tolist()
+        cut = next((i for i, t in enumerate(prefix) if t in stop), None)
+        if cut is not None:
+            new = answer[:start] + prefix[: cut + 1]
+        else:
+            new = answer[:start] + prefix
+            new += naive_generate(model, prompt + new, cfg.max_new_tokens, stop)[0]
+        answers.append(new)
+        rewards.append(reward(question, tok.decode(new, skip_special_tokens=True)))
+    return answers, rewards

@@ -1,0 +1,204 @@
+"""latentseek.generation: KV-cached batched generation against full forwards without cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentseek.generation import (
+    PrefixCache,
+    build_prompt_ids,
+    extend,
+    generate,
+    sampling_picker,
+    stop_token_ids,
+)
+from latentseek.model import ModelAdapter
+from tiny_lm import QUESTIONS, tiny_model, tiny_tokenizer
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def adapter(request, tok):
+    return ModelAdapter(tiny_model(request.param, vocab_size=len(tok)))
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    return [build_prompt_ids(tok, q) for q in QUESTIONS]
+
+
+def full_forward_hidden(adapter: ModelAdapter, ids: list[int]) -> torch.Tensor:
+    """The last position's post-norm hidden state from a forward over the whole sequence, no cache."""
+    with torch.no_grad():
+        return adapter.hidden(torch.tensor([ids]))[0, -1]
+
+
+def test_hidden_states_equal_model_forward(adapter, tok, prompts):
+    out = generate(adapter, tok, prompts, MAX_NEW, return_hidden=True)
+    for prompt, tokens, hidden in zip(prompts, out.tokens, out.hidden, strict=True):
+        assert hidden.shape == (len(tokens), adapter.hidden_size)
+        for t, token in enumerate(tokens):
+            expected = full_forward_hidden(adapter, prompt + tokens[:t])
+            torch.testing.assert_close(hidden[t], expected, atol=2e-5, rtol=1e-5)
+            assert int(adapter.logits(hidden[t]).argmax()) == token
+
+
+def test_batched_equals_one_by_one(adapter, tok, prompts):
+    batch = generate(adapter, tok, prompts, MAX_NEW, return_hidden=True)
+    assert len({len(p) for p in prompts}) > 1, "the prompts must need padding"
+    for i, prompt in enumerate(prompts):
+        alone = generate(adapter, tok, [prompt], MAX_NEW, return_hidden=True)
+        assert alone.tokens[0] == batch.tokens[i]
+        assert alone.stopped[0] == batch.stopped[i]
+        torch.testing.assert_close(alone.hidden[0], batch.hidden[i], atol=2e-5, rtol=1e-5)
+
+
+def test_rows_stop_at_their_own_stop_token_or_the_cap(adapter, tok, prompts):
+    free = generate(adapter, tok, prompts, MAX_NEW, stop_ids=[])
+    assert all(len(t) == MAX_NEW for t in free.tokens) and not any(free.stopped)
+    # a stop token that row 0 produces and some other row never does
+    stop = next(t for t in free.tokens[0] if any(t not in row for row in free.tokens))
+    out = generate(adapter, tok, prompts, MAX_NEW, stop_ids=[stop])
+    for row, tokens in zip(free.tokens, out.tokens, strict=True):
+        if stop in row:
+            assert tokens == row[: row.index(stop) + 1]
+        else:
+            assert tokens == row
+    assert out.stopped == [stop in row for row in free.tokens]
+
+
+def test_extend_after_prefix_caches_equals_generation_from_scratch(adapter, tok, prompts):
+    """Rows with caches of different lengths and new tokens of different lengths (padding in the middle)."""
+    extra = [[5, 6, 7], [], [8], [9, 10, 11, 12, 13]]
+    new = [[14], [15, 16, 17, 18], [19, 20], [21]]
+    seqs = [p + e for p, e in zip(prompts, extra, strict=True)]
+    first = extend(adapter, [(None, s) for s in seqs], 1, [], keep_prefix=[len(s) for s in seqs])
+    caches = first.prefixes
+    assert [c.length for c in caches] == [len(s) for s in seqs]
+    assert first.prefill_tokens == sum(len(s) for s in seqs)
+    got = extend(
+        adapter, list(zip(caches, new, strict=True)), MAX_NEW, stop_token_ids(tok, adapter), return_hidden=True
+    )
+    for i in range(len(seqs)):
+        want = generate(adapter, tok, [seqs[i] + new[i]], MAX_NEW, return_hidden=True)
+        assert got.tokens[i] == want.tokens[0]
+        torch.testing.assert_close(got.hidden[i], want.hidden[0], atol=2e-5, rtol=1e-5)
+
+
+def test_kept_prefix_holds_the_keys_and_values_of_a_fresh_forward(adapter, tok, prompts):
+    keep = [len(p) + 2 for p in prompts]
+    out = extend(adapter, [(None, p) for p in prompts], 5, [], keep_prefix=keep)
+    for prompt, tokens, prefix in zip(prompts, out.tokens, out.prefixes, strict=True):
+        ids = prompt + tokens[:2]
+        fresh = PrefixCache(*_fresh_cache(adapter, ids))
+        assert prefix.length == fresh.length == len(ids)
+        for (k, v), (k0, v0) in zip(prefix.layers, fresh.layers, strict=True):
+            torch.testing.assert_close(k, k0, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(v, v0, atol=2e-5, rtol=1e-5)
+
+
+def _fresh_cache(adapter, ids):
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        adapter.hidden(torch.tensor([ids]), cache=cache)
+    return [(layer.keys, layer.values) for layer in cache.layers], len(ids)
+
+
+def test_empty_inputs_are_rejected(adapter, tok, prompts):
+    with pytest.raises(ValueError, match="no prompts"):
+        generate(adapter, tok, [], 4)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(adapter, tok, [prompts[0], []], 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(adapter, tok, prompts, 0)
+
+
+# --- sampling ----------------------------------------------------------------------------------------------------
+
+
+def test_sampling_is_reproducible_and_independent_of_the_batch(adapter, tok, prompts):
+    kw = dict(do_sample=True, temperature=1.5, top_p=0.9)
+    a = generate(adapter, tok, prompts, MAX_NEW, seed=3, **kw)
+    b = generate(adapter, tok, prompts, MAX_NEW, seed=3, **kw)
+    c = generate(adapter, tok, prompts, MAX_NEW, seed=4, **kw)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+    # row 0 keeps its draws whatever the other rows are
+    d = generate(adapter, tok, [prompts[0], prompts[2]], MAX_NEW, seed=3, **kw)
+    assert d.tokens[0] == a.tokens[0]
+    greedy = generate(adapter, tok, prompts, MAX_NEW)
+    assert a.tokens != greedy.tokens
+
+
+def test_tiny_top_p_is_greedy(adapter, tok, prompts):
+    sampled = generate(adapter, tok, prompts, MAX_NEW, do_sample=True, top_p=1e-9, seed=0)
+    assert sampled.tokens == generate(adapter, tok, prompts, MAX_NEW).tokens
+
+
+def test_sampling_follows_the_truncated_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(4000, 1)
+    temperature, top_p = 0.8, 0.8
+    pick = sampling_picker(temperature, top_p, seed=0, num_rows=4000)
+    tokens = pick(logits, list(range(4000)))
+    probs = torch.softmax(logits[0] / temperature, -1)
+    nucleus = int((probs.cumsum(0) - probs < top_p).sum())  # the smallest prefix reaching top_p
+    counts = torch.bincount(tokens, minlength=6).float()
+    assert counts[nucleus:].sum() == 0
+    want = probs[:nucleus] / probs[:nucleus].sum()
+    # 4000 draws: a frequency's standard deviation is below 0.008, so 0.03 is a wide margin
+    torch.testing.assert_close(counts[:nucleus] / 4000, want, atol=0.03, rtol=0)
+
+
+def test_sampling_arguments_are_checked():
+    with pytest.raises(ValueError, match="temperature"):
+        sampling_picker(0.0, 1.0, 0, 1)
+    with pytest.raises(ValueError, match="top_p"):
+        sampling_picker(1.0, 0.0, 0, 1)
+
+
+# --- prompts and stop tokens ---------------------------------------------------------------------------------------
+
+
+def test_build_prompt_ids_uses_the_chat_template(tok):
+    ids = build_prompt_ids(tok, "what is 2 + 3 ?", system="check it")
+    want = tok.apply_chat_template(
+        [{"role": "system", "content": "check it"}, {"role": "user", "content": "what is 2 + 3 ?"}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    assert ids == list(want)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+    messages = [{"role": "user", "content": "what is 2 + 3 ?"}]
+    assert build_prompt_ids(tok, messages) == build_prompt_ids(tok, "what is 2 + 3 ?")
+
+
+@pytest.mark.parametrize("bad", ["", "  \n", [], [{"role": "user", "content": " "}], [{"content": "x"}]])
+def test_build_prompt_ids_rejects_empty_or_malformed_questions(tok, bad):
+    with pytest.raises(ValueError):
+        build_prompt_ids(tok, bad)
+
+
+def test_build_prompt_ids_needs_a_chat_template():
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        build_prompt_ids(tok, "what is 2 + 3 ?")
+
+
+def test_stop_tokens_include_eos_and_the_end_of_turn_token():
+    tok = tiny_tokenizer(eos_token="<|endoftext|>")
+    model = tiny_model("qwen2", vocab_size=len(tok), eos_token_id=[0, 7])
+    ids = stop_token_ids(tok, model)
+    assert ids[0] == tok.convert_tokens_to_ids("<|endoftext|>")
+    assert 7 in ids
+    assert tok.convert_tokens_to_ids("<|im_end|>") in ids  # found from the template, not from eos
