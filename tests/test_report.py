@@ -75,19 +75,20 @@ def test_report_table_equals_the_jsonl_and_files_exist(runs, tmp_path):
     assert list(rows) == [r.name for r in runs]
     for run_dir, method in zip(runs, ["latentseek", "cot"], strict=True):
         want = expected_from_jsonl(run_dir)
-        got_method, problems, accuracy, iterations, tokens, seconds = rows[run_dir.name]
+        got_method, problems, accuracy, iterations, tokens, seconds, initial = rows[run_dir.name]
         assert got_method == method and int(problems) == want["problems"]
         assert accuracy == f"{100 * want['correct'] / want['problems']:.1f}% ({want['correct']}/{want['problems']})"
         assert rounds_to(iterations, want["iterations"], 2)
         assert rounds_to(tokens, want["tokens"], 1)
         assert rounds_to(seconds, want["seconds"], 2)
+        assert initial == "n/a"
 
 
 def test_fixture_numbers_are_the_ones_the_fake_method_gives(runs):
     # p000..p007: wrong when i % 3 == 0 (3 of 8); iterations i % 4; tokens 10 (i + 1); seconds 0.5 + i / 50
     rows = table_rows(report(runs).markdown)
-    assert rows["latentseek-8"] == ["latentseek", "8", "62.5% (5/8)", "1.50", "45.0", "0.57"]
-    assert rows["cot-5"] == ["cot", "5", "100.0% (5/5)", "0.00", "30.0", "0.54"]
+    assert rows["latentseek-8"] == ["latentseek", "8", "62.5% (5/8)", "1.50", "45.0", "0.57", "n/a"]
+    assert rows["cot-5"] == ["cot", "5", "100.0% (5/5)", "0.00", "30.0", "0.54", "n/a"]
 
 
 def test_mean_reward_by_iteration_counts_only_problems_that_got_there(runs):
@@ -116,7 +117,15 @@ def test_report_reads_a_run_still_in_progress(tmp_path):
 def test_empty_run_and_missing_config(tmp_path):
     empty = tmp_path / "empty"
     run_eval(FakeMethod(), [], empty, {"method": "bon"}, progress=False)
-    assert table_rows(report([empty], tmp_path / "r").markdown)["empty"] == ["bon", "0", "n/a", "n/a", "n/a", "n/a"]
+    assert table_rows(report([empty], tmp_path / "r").markdown)["empty"] == [
+        "bon",
+        "0",
+        "n/a",
+        "n/a",
+        "n/a",
+        "n/a",
+        "n/a",
+    ]
     with pytest.raises(RunError, match="not a run directory"):
         report([tmp_path / "nothing"], tmp_path / "r")
 
@@ -125,3 +134,14 @@ def test_markdown_table_header():
     header = markdown_table([]).splitlines()[0]
     for column in ("accuracy", "mean iterations", "tokens / problem", "seconds / problem"):
         assert column in header
+
+
+def test_initial_accuracy_of_runs_that_record_it(tmp_path):
+    class WithInitial(FakeMethod):
+        def solve_batch(self, problems):
+            records = super().solve_batch(problems)
+            return [{**r, "initial_correct": p.id in ("p001", "p004")} for p, r in zip(problems, records, strict=True)]
+
+    out = tmp_path / "ls"
+    run_eval(WithInitial(), make_problems(5), out, {"method": "latentseek-self"}, progress=False)
+    assert table_rows(report([out], tmp_path / "r").markdown)["ls"][-1] == "40.0% (2/5)"

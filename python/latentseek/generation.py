@@ -162,10 +162,13 @@ def greedy_picker() -> Picker:
     return lambda logits, rows: logits.argmax(-1)
 
 
-def sampling_picker(temperature: float, top_p: float, seed: int, num_rows: int) -> Picker:
+def sampling_picker(
+    temperature: float, top_p: float, seed: int, num_rows: int, *, row_seeds: Sequence[int] | None = None
+) -> Picker:
     """Temperature / nucleus sampling, reproducible per row.
 
-    Row r draws from its own generator seeded from ``(seed, r)``, one uniform number per token, so a row's sample
+    Row r draws from its own generator seeded from ``(seed, r)`` (or from ``row_seeds[r]`` when given, e.g. to
+    make a problem's samples independent of its place in the batch), one uniform number per token, so a row's sample
     does not depend on which other rows are in the batch or when they stop. The token is found by inverse CDF over
     the probabilities sorted in decreasing order, restricted to the smallest prefix whose mass reaches ``top_p``.
     """
@@ -173,7 +176,11 @@ def sampling_picker(temperature: float, top_p: float, seed: int, num_rows: int) 
         raise ValueError(f"temperature must be > 0 for sampling (use do_sample=False for greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-    generators = [torch.Generator().manual_seed((seed * 1_000_003 + r) % (2**63)) for r in range(num_rows)]
+    if row_seeds is None:
+        row_seeds = [seed * 1_000_003 + r for r in range(num_rows)]
+    elif len(row_seeds) != num_rows:
+        raise ValueError(f"got {len(row_seeds)} row seeds for {num_rows} rows")
+    generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in row_seeds]
 
     def pick(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
         probs = torch.softmax(logits.float() / temperature, dim=-1)

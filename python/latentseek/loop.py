@@ -51,6 +51,9 @@ from .rewards import RewardLike, as_reward, evaluate
 
 PHASES = ("generate", "reward", "update")
 
+# on_answer(problem index, step, answer text, reward): see LatentSeek.solve_batch.
+AnswerCallback = Callable[[int, int, str, float], None]
+
 
 @dataclass
 class Result:
@@ -171,6 +174,7 @@ class LatentSeek:
         golds: Sequence[str | None] | None = None,
         *,
         progress: bool | Callable[[int, int], None] = False,
+        on_answer: AnswerCallback | None = None,
     ) -> list[Result]:
         """LatentSeek on several problems at once; the results equal those of :meth:`solve` one by one.
 
@@ -178,6 +182,8 @@ class LatentSeek:
             problems: questions (strings) or chat message lists.
             golds: reference answers for rewards that use them (one per problem, or None).
             progress: True shows a tqdm bar; a callable gets ``(problems finished, total)`` after every phase.
+            on_answer: called as ``on_answer(problem index, step, answer text, reward)`` for every rewarded answer
+                (step 0 is the initial answer), e.g. to stream a search as it goes.
         """
         if isinstance(problems, str) or not isinstance(problems, Sequence):
             raise TypeError("solve_batch takes a list of problems")
@@ -191,9 +197,11 @@ class LatentSeek:
             for p, g in zip(problems, golds, strict=True)
         ]
         report = _progress_reporter(progress, len(searches))
+        announce = _answer_announcer(on_answer, searches, self.tokenizer)
 
         self._generate(searches)
         self._reward(searches)
+        announce(searches)
         report(sum(not self._searching(s) for s in searches))
         active = self._init_latents(searches)
         optimizer = torch.optim.Adam([s.z for s in active], lr=self.config.lr) if active else None
@@ -201,6 +209,7 @@ class LatentSeek:
             self._update(active, optimizer)
             self._decode(active)
             self._reward(active)
+            announce(active)
             report(sum(not self._searching(s) for s in searches))
             active = [s for s in active if self._searching(s)]
         report(len(searches), close=True)
@@ -339,3 +348,17 @@ def _progress_reporter(progress: bool | Callable[[int, int], None], total: int):
             bar.close()
 
     return report
+
+
+def _answer_announcer(on_answer: AnswerCallback | None, searches: list[_Search], tokenizer):
+    """``announce(some searches)``: passes each one's latest answer and reward to `on_answer` (if any)."""
+    if on_answer is None:
+        return lambda subset: None
+    index = {id(s): i for i, s in enumerate(searches)}
+
+    def announce(subset: list[_Search]) -> None:
+        for s in subset:
+            text = tokenizer.decode(s.answers[-1], skip_special_tokens=True)
+            on_answer(index[id(s)], s.steps, text, s.rewards[-1])
+
+    return announce

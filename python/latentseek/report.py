@@ -33,6 +33,7 @@ class RunStats:
     mean_iterations: float
     tokens_per_problem: float
     seconds_per_problem: float
+    initial_correct: int | None = None  # LatentSeek runs: how many initial (greedy CoT) answers were correct
 
     @property
     def accuracy(self) -> float:
@@ -58,6 +59,11 @@ class RunStats:
             mean_iterations=mean("iterations"),
             tokens_per_problem=mean("tokens"),
             seconds_per_problem=mean("seconds"),
+            initial_correct=(
+                sum(bool(r["initial_correct"]) for r in records)
+                if records and all("initial_correct" in r for r in records)
+                else None
+            ),
         )
 
 
@@ -66,16 +72,26 @@ def _cell(value: float, fmt: str) -> str:
 
 
 def markdown_table(stats: Sequence[RunStats]) -> str:
-    """The report table: accuracy in percent with 1 decimal, iterations and seconds with 2, tokens with 1."""
+    """The report table: accuracy in percent with 1 decimal, iterations and seconds with 2, tokens with 1.
+
+    The last column is the accuracy of the initial answers of methods that record one (LatentSeek's greedy CoT
+    answer, before any optimisation), "n/a" for the others.
+    """
     lines = [
-        "| run | method | problems | accuracy | mean iterations | tokens / problem | seconds / problem |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| run | method | problems | accuracy | mean iterations | tokens / problem | seconds / problem "
+        "| initial accuracy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in stats:
         accuracy = "n/a" if s.problems == 0 else f"{100 * s.accuracy:.1f}% ({s.correct}/{s.problems})"
+        initial = (
+            "n/a"
+            if s.initial_correct is None
+            else f"{100 * s.initial_correct / s.problems:.1f}% ({s.initial_correct}/{s.problems})"
+        )
         lines.append(
             f"| {s.name} | {s.method} | {s.problems} | {accuracy} | {_cell(s.mean_iterations, '.2f')} "
-            f"| {_cell(s.tokens_per_problem, '.1f')} | {_cell(s.seconds_per_problem, '.2f')} |"
+            f"| {_cell(s.tokens_per_problem, '.1f')} | {_cell(s.seconds_per_problem, '.2f')} | {initial} |"
         )
     return "\n".join(lines) + "\n"
 
