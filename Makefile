@@ -46,6 +46,11 @@ test: $(BUILT)
 	cmake --build $(CMAKE_BUILD) -j2 > /dev/null
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
+# The benchmarks (not tests): each writes JSON + Markdown + PNG under benchmarks/results/.
+bench: $(BUILT)
+	$(PY) benchmarks/bench_op.py --device cpu --cases headline --tag op-cpu-headline
+	$(PY) benchmarks/bench_loop.py --tag loop-cpu
+
 lint: $(DEPS)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

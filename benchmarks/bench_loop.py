@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
 import common  # noqa: E402
-from naive_loop import Scripted, naive_latentseek  # noqa: E402
-
 from latentseek import LatentSeek, LatentSeekConfig  # noqa: E402
+from naive_loop import Scripted, naive_latentseek  # noqa: E402
+from tiny_lm import CHAT_TEMPLATE, SPECIAL  # noqa: E402  (the tests' ChatML template and special tokens)
 
 # (transformers class, config) of real architectures; the weights are random.
 ARCHS = {
@@ -67,11 +67,6 @@ ARCHS = {
         ),
     ),
 }
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def build_tokenizer(vocab_size: int):
@@ -153,7 +148,9 @@ def plot(payload: dict, path: Path) -> None:
     ax1.bar(["naive loop", "engine"], [a["naive_s"], a["engine_s"]], color=["tab:gray", "tab:blue"])
     ax1.set_ylabel("seconds per problem")
     ax1.set_title(f"one problem, {a['speedup']:.1f}x faster")
-    ax2.bar(["B=1", f"B={b['batch']}"], [b["b1_problems_per_s"], b["bn_problems_per_s"]], color=["tab:gray", "tab:blue"])
+    ax2.bar(
+        ["B=1", f"B={b['batch']}"], [b["b1_problems_per_s"], b["bn_problems_per_s"]], color=["tab:gray", "tab:blue"]
+    )
     ax2.set_ylabel("problems / s")
     ax2.set_title(f"throughput, {b['speedup']:.2f}x")
     fig.suptitle(f"LatentSeek engine, {payload['setup']['arch']} shape (random), {payload['stamp']['device']}")
