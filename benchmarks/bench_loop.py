@@ -6,7 +6,7 @@ Two measurements on the same model and problems, outputs asserted equal:
    (the paper's code as it runs: a full forward over the whole sequence for every generated token, no KV cache,
    autograd through the LM head). Same answer tokens and reward history are asserted.
 2. **B=1 vs B=8**: the same ``--batch`` problems solved one by one (``solve``) and together (``solve_batch``);
-   problems per second of each, identical results asserted.
+   problems per second of each, and how many results are identical (all must be for the target to pass).
 
 The model is a randomly initialised causal LM with a real model's architecture (default SmolLM2-135M's: Llama,
 30 layers, hidden 576, vocabulary 49152, tied LM head) and a word-level tokenizer over the whole vocabulary, so
@@ -129,7 +129,7 @@ def to_markdown(payload: dict) -> str:
         "## Per problem: engine vs the naive loop (identical answers and rewards asserted)\n\n"
         + common.markdown_table(["runner", "seconds", "speed-up", "tokens generated"], rows)
         + f"\nEngine phases (s): {', '.join(f'{k} {v:.2f}' for k, v in a['engine_phases'].items())}\n\n"
-        f"## Throughput: {b['batch']} problems one by one vs batched (identical results asserted)\n\n"
+        f"## Throughput: {b['batch']} problems one by one vs batched (identical results counted)\n\n"
         + common.markdown_table(["mode", "seconds", "problems/s", "speed-up"], rows2)
         + "\n"
         + "\n".join(f"- {line}" for line in payload["acceptance"])
@@ -168,13 +168,21 @@ def main() -> None:
     parser.add_argument("--rho", type=float, default=0.2)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--engine-reps", type=int, default=3, help="engine timings of the single problem (median)")
-    parser.add_argument("--init-std", type=float, default=0.2, help="weight std: clear greedy margins, no near-ties")
+    parser.add_argument(
+        "--init-std",
+        type=float,
+        default=0.02,
+        help="weight std (transformers' default; larger makes 30 layers chaotic: rounding flips tokens)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--impl", default="auto", choices=["auto", "ext", "reference"])
     parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     parser.add_argument("--tag", default="loop-cpu")
     args = parser.parse_args()
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model = build_model(args.arch, args.seed, args.init_std)
     vocab = model.config.vocab_size
     tok = build_tokenizer(vocab)
@@ -236,9 +244,10 @@ def main() -> None:
     batched = engine.solve_batch(qs)
     bn_s = time.perf_counter() - t0
     print(f"  {bn_s:.1f} s", flush=True)
-    for one, many in zip(singles, batched, strict=True):
-        if one.answer_ids != many.answer_ids or one.rewards != many.rewards:
-            raise SystemExit("solve_batch differs from solve one by one: no timing is reported")
+    identical = sum(
+        one.answer_ids == many.answer_ids and one.rewards == many.rewards
+        for one, many in zip(singles, batched, strict=True)
+    )
     payload["batching"] = {
         "batch": args.batch,
         "b1_s": b1_s,
@@ -247,13 +256,15 @@ def main() -> None:
         "bn_problems_per_s": args.batch / bn_s,
         "speedup": b1_s / bn_s,
         "generated_tokens": sum(r.generated_tokens for r in batched),
+        "identical_results": identical,
     }
     a, b = payload["engine_vs_naive"], payload["batching"]
     payload["acceptance"] = [
         f"engine >= 5x faster than the naive loop per problem: {a['speedup']:.1f}x -> "
         + ("PASS" if a["speedup"] >= 5 else "FAIL"),
-        f"B={args.batch} >= 2.5x the problems/s of B=1: {b['speedup']:.2f}x -> "
-        + ("PASS" if b["speedup"] >= 2.5 else "FAIL"),
+        f"B={args.batch} >= 2.5x the problems/s of B=1 with identical results: {b['speedup']:.2f}x, "
+        f"{identical}/{args.batch} identical -> "
+        + ("PASS" if b["speedup"] >= 2.5 and identical == args.batch else "FAIL"),
     ]
     json_path, md_path = common.write_results(args.tag, payload, to_markdown(payload), args.out_dir)
     plot(payload, args.out_dir / f"{args.tag}.png")

