@@ -334,15 +334,11 @@ def to_markdown(payload: dict) -> str:
     rows = payload["rows"]
     table = []
     for r in rows:
+        case = [r["model"], r["N"], r["H"], r["V"], r["dtype"], r["provider"]]
         if "median_s" in r:
             table.append(
-                [
-                    r["model"],
-                    r["N"],
-                    r["H"],
-                    r["V"],
-                    r["dtype"],
-                    r["provider"],
+                case
+                + [
                     f"{r['median_s'] * 1e3:.1f}",
                     f"{r['p20_s'] * 1e3:.1f}-{r['p80_s'] * 1e3:.1f}",
                     f"{r['gflops']:.1f}",
@@ -353,23 +349,7 @@ def to_markdown(payload: dict) -> str:
                 ]
             )
         else:
-            table.append(
-                [
-                    r["model"],
-                    r["N"],
-                    r["H"],
-                    r["V"],
-                    r["dtype"],
-                    r["provider"],
-                    "error",
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                    r.get("error", "")[:80],
-                ]
-            )
+            table.append(case + ["error", "", "", "", "", "", r.get("error", "")[:80]])
     md = f"# Fused LM-head op benchmark: {payload['tag']}\n\n" + common.stamp_markdown(payload["stamp"]) + "\n"
     md += "Command: `" + payload["command"] + "`\n\n"
     md += common.markdown_table(
