@@ -26,7 +26,7 @@ BATCH_SIZE="${BATCH_SIZE:-8}"
 NPROC="${NPROC:-1}"
 
 if [ "$NPROC" -gt 1 ]; then
-    LATENTSEEK=("$(dirname "$PY")/torchrun" --standalone --nproc-per-node "$NPROC" -m latentseek)
+    LATENTSEEK=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m latentseek)
 else
     LATENTSEEK=("$PY" -m latentseek)
 fi
