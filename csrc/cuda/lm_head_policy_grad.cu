@@ -792,14 +792,28 @@ __global__ void __launch_bounds__(SimtTile::kThreads) fused_simt_kernel(const Fu
 
 constexpr int kMergeThreads = 256;
 
+// The merge kernel's shared memory, all of it dynamic: [merged RowState][factor per split, zero padded]. The
+// padding: the grad loop's guarded reads of factor[s] (s < splits) come out of the compiler as one 12-byte shared
+// read at the loop's tail, which compute-sanitizer memcheck flagged on an H200 as running past a 2-split factor
+// array; padding to a multiple of 4 entries plus 4 keeps every such read inside the allocation and reading zeros.
+template <typename acc_t>
+constexpr size_t merge_state_bytes() {
+  return (sizeof(RowState<acc_t>) + 15) / 16 * 16;
+}
+__host__ __device__ inline int merge_factor_slots(int splits) { return (splits + 3) / 4 * 4 + 4; }
+template <typename acc_t>
+size_t merge_smem_bytes(int splits) {
+  return merge_state_bytes<acc_t>() + static_cast<size_t>(merge_factor_slots(splits)) * sizeof(acc_t);
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMergeThreads)
     merge_splits_kernel(const RowState<acc_t>* part_state, const acc_t* part_acc, int splits, int N, int H,
                         acc_t acc_scale, const scalar_t* w, const int64_t* tokens, const acc_t* reward,
                         int64_t* tokens_out, acc_t* logp_out, acc_t* grad_out) {
-  extern __shared__ __align__(16) unsigned char merge_smem[];
-  acc_t* factor = reinterpret_cast<acc_t*>(merge_smem);  // [splits]
-  __shared__ RowState<acc_t> final_state;
+  extern __shared__ __align__(128) unsigned char merge_smem[];
+  RowState<acc_t>& final_state = *reinterpret_cast<RowState<acc_t>*>(merge_smem);
+  acc_t* factor = reinterpret_cast<acc_t*>(merge_smem + merge_state_bytes<acc_t>());  // [splits]
   const int n = blockIdx.x, tid = threadIdx.x;
 
   if (tid < 32) {
@@ -829,8 +843,8 @@ __global__ void __launch_bounds__(kMergeThreads)
   }
   __syncthreads();
   const RowState<acc_t> st = final_state;
-  for (int s = tid; s < splits; s += kMergeThreads)
-    factor[s] = rescale_factor(part_state[static_cast<int64_t>(s) * N + n].m, st.m);
+  for (int s = tid; s < merge_factor_slots(splits); s += kMergeThreads)
+    factor[s] = s < splits ? rescale_factor(part_state[static_cast<int64_t>(s) * N + n].m, st.m) : acc_t(0);
   __syncthreads();
 
   const int64_t x = tokens ? tokens[n] : chosen_token(st);
@@ -1013,7 +1027,7 @@ struct Outputs {
 template <typename scalar_t, typename acc_t>
 void launch_merge(const Grid& g, const at::Tensor& part_state, const at::Tensor& part_acc, acc_t acc_scale,
                   const LmHeadProblem& p, Outputs& out, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(g.splits) * sizeof(acc_t);
+  const size_t smem = merge_smem_bytes<acc_t>(g.splits);
   merge_splits_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p.N), kMergeThreads, smem, stream>>>(
       reinterpret_cast<const RowState<acc_t>*>(part_state.data_ptr()),
       part_acc.defined() ? part_acc.data_ptr<acc_t>() : nullptr, g.splits, static_cast<int>(p.N), static_cast<int>(p.H),
