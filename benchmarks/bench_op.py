@@ -71,8 +71,15 @@ def cases_for(preset: str, dtypes: list[str]) -> list[Case]:
         shapes = [(m, n) for m in MODELS for n in GRID_N]
         if preset == "gpu":  # the CUDA issue's two extra shapes
             shapes += [("Qwen2.5-7B", 4096), ("Qwen2.5-0.5B", 64)]
+    elif ":" in preset:  # an explicit list, e.g. "Qwen2.5-0.5B:64,Qwen2.5-7B:4096"
+        shapes = []
+        for item in preset.split(","):
+            model, _, n = item.partition(":")
+            if model not in MODELS or not n.isdigit():
+                raise SystemExit(f"bad case {item!r} in --cases: MODEL:N with MODEL one of {', '.join(MODELS)}")
+            shapes.append((model, int(n)))
     else:
-        raise SystemExit(f"unknown --cases {preset!r}: headline, grid or gpu")
+        raise SystemExit(f"unknown --cases {preset!r}: headline, grid, gpu or a list MODEL:N,...")
     seen, out = set(), []
     for dt in dtypes:
         for m, n in shapes:
@@ -240,6 +247,8 @@ def memory_probe(provider: str, case: Case, device: str) -> dict:
 
 
 def measure_memory(provider: str, case: Case, device: str) -> dict:
+    """CPU: in a fresh subprocess (the resident set has no reset that ignores what earlier providers left behind).
+    CUDA: see cuda_peak_extra, called in the benchmark's own process."""
     cmd = [
         sys.executable,
         __file__,
@@ -254,6 +263,20 @@ def measure_memory(provider: str, case: Case, device: str) -> dict:
     if proc.returncode != 0:
         return {"peak_extra_bytes": None, "memory_error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cuda_peak_extra(fn: Callable[[], object]) -> dict:
+    """Peak bytes allocated during one call beyond what was allocated before it (the caching allocator counts
+    allocated bytes exactly, so this needs no fresh process; fn has already run, so compilation is done)."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    del out
+    return {"peak_extra_bytes": int(extra)}
 
 
 # --- the run -------------------------------------------------------------------------------------------------------
@@ -273,6 +296,9 @@ def run_case(
         except Exception as e:  # a provider that cannot run this case is reported, not fatal
             errors[name] = f"{type(e).__name__}: {e}"
             fns.pop(name, None)
+    cuda_memory = {}
+    if with_memory and device.startswith("cuda"):
+        cuda_memory = {name: cuda_peak_extra(fn) for name, fn in fns.items() if name != FLOOR}
     times = {name: [] for name in fns}
     start = time.perf_counter()
     while fns and (
@@ -295,7 +321,9 @@ def run_case(
             row.update(s)
             row["gflops"] = case.flops / s["median_s"] / 1e9
             row["fraction_of_floor"] = floor["floor_s"] / s["median_s"]
-        if with_memory and name not in errors and name != FLOOR:
+        if name in cuda_memory:
+            row.update(cuda_memory[name])
+        elif with_memory and name not in errors and name != FLOOR:
             row.update(measure_memory(name, case, device))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "floor"}), flush=True)
@@ -328,6 +356,52 @@ def acceptance(rows: list[dict]) -> list[str]:
                 f"{'PASS' if mem <= 0.10 else 'FAIL'}"
             )
     return lines
+
+
+def cuda_acceptance(rows: list[dict]) -> list[str]:
+    """The CUDA issue's targets, checked against this run's own numbers (bf16)."""
+    lines = []
+
+    def ext_row(n, h, v):
+        return next(
+            (r for r in rows if r["provider"] == "ext" and (r["N"], r["H"], r["V"], r["dtype"]) == (n, h, v, "bf16")),
+            None,
+        )
+
+    big = ext_row(4096, 3584, 152064)
+    if big and "median_s" in big:
+        f = big["fraction_of_floor"]
+        lines.append(f"- N=4096 H=3584 V=152064 bf16: fraction of the floor {f:.2f} (target >= 0.60) {_pass(f >= 0.6)}")
+    small = ext_row(64, 896, 151936)
+    if small and "median_s" in small:
+        f = small["floor"]["bytes_floor_s"] / small["median_s"]
+        lines.append(
+            f"- N=64 H=896 V=151936 bf16: fraction of the copy bandwidth {f:.2f} (target >= 0.70) {_pass(f >= 0.7)}"
+        )
+    cases = list(dict.fromkeys((r["model"], r["N"], r["H"], r["V"], r["dtype"]) for r in rows))
+    for c in cases:
+        by = {r["provider"]: r for r in rows if (r["model"], r["N"], r["H"], r["V"], r["dtype"]) == c}
+        ext = by.get("ext")
+        if not ext or "median_s" not in ext:
+            continue
+        label = f"{c[0]} N={c[1]} {c[4]}"
+        for other in ("liger", "cce"):
+            o = by.get(other)
+            if o and "median_s" in o:
+                ratio = ext["median_s"] / o["median_s"]
+                lines.append(f"- {label}: ext / {other} time = {ratio:.2f} (target < 1) {_pass(ratio < 1)}")
+        if ext.get("peak_extra_bytes") is not None:
+            nh = c[1] * c[2] * 4
+            ref = by.get("reference", {}).get("peak_extra_bytes")
+            ref_txt = f"; the reference's {ref / nh:.0f} x" if ref else ""
+            lines.append(
+                f"- {label}: ext peak extra memory = {ext['peak_extra_bytes'] / nh:.2f} x N*H*4 bytes{ref_txt}"
+            )
+    return lines
+
+
+def _pass(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
 
 
 def to_markdown(payload: dict) -> str:
@@ -377,6 +451,10 @@ def to_markdown(payload: dict) -> str:
     checks = acceptance(rows)
     if checks:
         md += "\n## Targets of the op issue (N=300, H=896, V=151936)\n\n" + "\n".join(checks) + "\n"
+    if payload["stamp"].get("device_kind") == "cuda":
+        checks = cuda_acceptance(rows)
+        if checks:
+            md += "\n## Targets of the CUDA issue\n\n" + "\n".join(checks) + "\n"
     return md
 
 
@@ -453,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     tag = args.tag or f"op-{args.device}-{args.cases}"
     payload = {
         "tag": tag,
-        "stamp": common.stamp(args.device),
+        "stamp": {**common.stamp(args.device), "device_kind": torch.device(args.device).type},
         "command": " ".join(["python"] + sys.argv),
         "providers": providers,
         "rows": [],
@@ -465,6 +543,8 @@ def main(argv: list[str] | None = None) -> None:
     plot(payload, args.out_dir / f"{tag}.png")
     print(f"wrote {json_path}, {md_path}, {args.out_dir / (tag + '.png')}")
     print("\n".join(acceptance(payload["rows"])))
+    if args.device.startswith("cuda"):
+        print("\n".join(cuda_acceptance(payload["rows"])))
 
 
 if __name__ == "__main__":

@@ -23,10 +23,13 @@
 # tool that limits one command to 10 minutes runs the stages over several calls into the same OUTDIR, e.g.
 #   gpu_session.sh OUT env wheels build test;  gpu_session.sh OUT sanitize profile;  gpu_session.sh OUT bench
 # (the in-place build stays in the working tree between calls on the same machine).
+# Knobs for a short lease: TEST_FILES (default tests/test_op*.py), PYTEST_ARGS (extra pytest arguments),
+# SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), BENCH_KERNELS (default "auto fused chunked"),
+# BENCH_ARGS (default "--cases gpu --dtypes bf16,fp32"). LS_CC / LS_CXX pick the host compilers of the build.
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
-  sed -n '2,27p' "$0"
+  sed -n "2,28p" "$0"
   exit 2
 fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,6 +39,10 @@ STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(env wheels build test sanitize bench profile)
 STAGE_TIMEOUT="${STAGE_TIMEOUT:-540}"
 BENCH_KERNELS="${BENCH_KERNELS:-auto fused chunked}"
+BENCH_ARGS="${BENCH_ARGS:---cases gpu --dtypes bf16,fp32}"
+SANITIZE_TOOLS="${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}"
+TEST_FILES="${TEST_FILES:-tests/test_op*.py}"
+PYTEST_ARGS="${PYTEST_ARGS:-}"
 cd "$ROOT" || exit 1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -124,17 +131,33 @@ stage_build() {
   if [ -z "$arch" ]; then
     arch="$("$PY" -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}.{m}" + ("a" if M == 9 else ""))')"
   fi
-  echo "build: TORCH_CUDA_ARCH_LIST=$arch"
-  rm -f latentseek_ext/_C*.so
-  TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-16}" run_logged "$OUT/build.log" \
-    "$PY" setup.py build_ext --inplace || return $?
+  # The H200 image's default CC/CXX (/opt/gcc) linked a private copy of libstdc++ into _C (its functions resolved
+  # inside _C in a backtrace); its streams then met torch's libstdc++ locale and building an error message
+  # (TORCH_CHECK with an integer) crashed. The system compilers link libstdc++ as a shared library, like torch.
+  local cc="${LS_CC:-}" cxx="${LS_CXX:-}"
+  if [ -z "$cxx" ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+    cc=/usr/bin/gcc
+    cxx=/usr/bin/g++
+  fi
+  echo "build: TORCH_CUDA_ARCH_LIST=$arch CC=${cc:-${CC:-default}} CXX=${cxx:-${CXX:-default}}"
+  rm -rf latentseek_ext/_C*.so build/temp.*
+  CC="${cc:-${CC:-}}" CXX="${cxx:-${CXX:-}}" TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-16}" \
+    run_logged "$OUT/build.log" "$PY" setup.py build_ext --inplace || return $?
+  if ! ldd latentseek_ext/_C*.so | grep -q 'libstdc++'; then
+    echo "build: _C does not load libstdc++.so: it carries a private copy, which crashes beside torch's;" \
+      "set LS_CXX / LS_CC to compilers that link libstdc++ dynamically"
+    return 1
+  fi
   "$PY" -c 'import latentseek_ext as m; assert "cuda" in m.EXTENSION_DEVICES, f"no CUDA kernel: {m.EXTENSION_ERROR}"; print("build: kernels for", sorted(m.EXTENSION_DEVICES))'
 }
 
 stage_test() {
-  local files=(tests/test_op*.py) rc=0
+  local files rc=0
+  read -r -a files <<<"$(echo $TEST_FILES)"  # the glob expands here
+  local extra
+  read -r -a extra <<<"$PYTEST_ARGS"
   run_logged "$OUT/test.log" "$PY" -m pytest -q -rs -p no:cacheprovider -m "not slow" \
-    --junitxml="$OUT/test.xml" "${files[@]}" || rc=$?
+    --junitxml="$OUT/test.xml" "${extra[@]}" "${files[@]}" || rc=$?
   run_logged "$OUT/test-slow.log" "$PY" -m pytest -q -rs -p no:cacheprovider -m slow \
     --junitxml="$OUT/test-slow.xml" tests/test_op_cuda.py || rc=$?
   return $rc
@@ -147,7 +170,7 @@ stage_sanitize() {
   fi
   local rc=0 tool
   # No caching allocator, so that memcheck sees the true end of each allocation.
-  for tool in memcheck racecheck synccheck initcheck; do
+  for tool in $SANITIZE_TOOLS; do
     local filter=()
     # memcheck checks every kernel (including the ATen / cuBLAS calls the launcher makes); the others only ours.
     [ "$tool" != memcheck ] && filter=(--kernel-name kns=latentseek)
@@ -165,11 +188,12 @@ stage_bench() {
     echo "benchmarks/bench_op.py is missing"
     return 1
   fi
-  local tag rc=0 k
+  local tag rc=0 k args
+  read -r -a args <<<"$BENCH_ARGS"
   tag="$("$PY" -c 'import torch, re; n = torch.cuda.get_device_name(0); m = re.search(r"(H100|H200|A100|L40S|B200)", n); print((m.group(1) if m else n.split()[-1]).lower())')"
   for k in $BENCH_KERNELS; do
     LATENTSEEK_CUDA_KERNEL="$k" run_logged "$OUT/bench-$k.log" "$PY" benchmarks/bench_op.py --device cuda \
-      --out-dir "$OUT/bench-$k" --tag "$tag-$k" || rc=$?
+      "${args[@]}" --out-dir "$OUT/bench-$k" --tag "$tag-$k" || rc=$?
   done
   return $rc
 }
