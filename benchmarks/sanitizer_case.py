@@ -5,10 +5,16 @@ Covers: the tensor-core kernel with vocabulary splits (merge kernel) and with on
 needs enough rows to fill the GPU), with and without the gradient, several H slices, given tokens, bias, reward; the
 SIMT kernel in fp32 / fp64 and as the bf16 fallback (H % 8 != 0); the chunked kernel. Shapes are odd on purpose
 (rows, H and V not multiples of the tiles). Exits non-zero if an output is not finite where it must be.
+
+    python benchmarks/sanitizer_case.py [--device cuda|cpu]
+
+--device cpu runs the same calls on the CPU kernel (LATENTSEEK_CUDA_KERNEL is then ignored), so the script itself
+is tested without a GPU (tests/test_gpu_scripts.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -16,20 +22,23 @@ import torch
 
 import latentseek_ext
 
+DEVICE = "cuda"
+
 
 def run(kernel: str, n: int, h: int, v: int, dtype: torch.dtype, *, with_extras: bool, grad: bool = True) -> None:
     os.environ["LATENTSEEK_CUDA_KERNEL"] = kernel
     g = torch.Generator(device="cpu").manual_seed(n * 7 + h * 3 + v)
-    z = (torch.randn(n, h, generator=g) / h**0.5).to(dtype).cuda()
-    w = (torch.randn(v, h, generator=g) / h**0.5).to(dtype).cuda()
-    tokens = torch.randint(0, v, (n,), generator=g).cuda() if with_extras else None
-    bias = (torch.randn(v, generator=g) * 0.1).to(dtype).cuda() if with_extras else None
-    reward = torch.randn(n, generator=g).cuda() if with_extras else None
+    z = (torch.randn(n, h, generator=g) / h**0.5).to(dtype).to(DEVICE)
+    w = (torch.randn(v, h, generator=g) / h**0.5).to(dtype).to(DEVICE)
+    tokens = torch.randint(0, v, (n,), generator=g).to(DEVICE) if with_extras else None
+    bias = (torch.randn(v, generator=g) * 0.1).to(dtype).to(DEVICE) if with_extras else None
+    reward = torch.randn(n, generator=g).to(DEVICE) if with_extras else None
     if grad:
         x, logp, out = latentseek_ext.lm_head_policy_grad(z, w, reward, tokens, bias, impl="ext")
     else:
-        x, logp, out = torch.ops.latentseek_ext.lm_head_logprob.default(z, w, tokens, bias, False)
-    torch.cuda.synchronize()
+        logp, x, out = torch.ops.latentseek_ext.lm_head_logprob.default(z, w, tokens, bias, False)  # logp leads
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
     ok = bool(torch.isfinite(logp).all()) and bool(torch.isfinite(out).all()) and bool(((x >= 0) & (x < v)).all())
     print(
         f"{kernel:8s} {str(dtype):15s} N={n:5d} H={h:4d} V={v:5d} extras={with_extras} grad={grad}: "
@@ -41,8 +50,12 @@ def run(kernel: str, n: int, h: int, v: int, dtype: torch.dtype, *, with_extras:
 
 
 def main() -> None:
-    assert latentseek_ext.extension_available("cuda"), "latentseek_ext was built without its CUDA kernel"
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    global DEVICE
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    DEVICE = ap.parse_args().device
+    assert latentseek_ext.extension_available(DEVICE), f"latentseek_ext was built without its {DEVICE} kernel"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 4
     for dtype in (torch.bfloat16, torch.float16):
         run("fused", 37, 200, 1000, dtype, with_extras=True)  # vocabulary splits + merge, 1 H slice
         run("fused", 5, 1096, 700, dtype, with_extras=False)  # 3 H slices (18 chunks), the last one partial
