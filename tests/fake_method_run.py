@@ -1,6 +1,10 @@
 """A fake method and a script that runs it, for the runner and report tests (subprocesses, torchrun).
 
-    python tests/fake_method_run.py OUT --problems 30 [--sleep S] [--batch-size B] [--method NAME] [--force]
+    python tests/fake_method_run.py OUT --problems 30 [--sleep S] [--hang-from K] [--batch-size B] [--method NAME]
+                                        [--force]
+
+--hang-from K: problem K and later take 60 s each and announce "solving ID" on stderr when they start, so that a
+test can signal the process while a known batch is in flight.
 
 Prints the run summary as JSON (rank 0) and exits with 130 when the run was interrupted.
 """
@@ -28,15 +32,20 @@ def make_problems(n: int) -> list[Problem]:
 class FakeMethod:
     """Answers problem i wrongly when i % 3 == 0, takes i % 4 iterations with rising rewards, sleeps `sleep` each."""
 
-    def __init__(self, sleep: float = 0.0) -> None:
+    def __init__(self, sleep: float = 0.0, hang_from: int | None = None) -> None:
         self.sleep = sleep
+        self.hang_from = hang_from
         self.solved: list[str] = []
 
     def solve_batch(self, problems: Sequence[Problem]) -> list[dict[str, Any]]:
         records = []
         for problem in problems:
-            time.sleep(self.sleep)
             i = int(problem.id[1:])
+            if self.hang_from is not None and i >= self.hang_from:
+                print(f"solving {problem.id}", file=sys.stderr, flush=True)
+                time.sleep(60.0)
+            else:
+                time.sleep(self.sleep)
             iterations = i % 4
             prediction = "0" if i % 3 == 0 else problem.gold
             records.append(
@@ -59,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out")
     parser.add_argument("--problems", type=int, default=10)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--hang-from", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--method", default="fake")
     parser.add_argument("--force", action="store_true")
@@ -66,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     dist_info = init_distributed()
     try:
         summary = run_eval(
-            FakeMethod(args.sleep),
+            FakeMethod(args.sleep, args.hang_from),
             make_problems(args.problems),
             args.out,
             {"method": args.method, "model": "none"},
