@@ -467,9 +467,9 @@ def plot(payload: dict, path: Path) -> None:
     rows = [r for r in payload["rows"] if "median_s" in r]
     dtypes = sorted({r["dtype"] for r in rows})
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, axes = plt.subplots(
-        len(dtypes), 1, figsize=(max(6, 1.2 * len(rows) / max(len(dtypes), 1)), 4 * len(dtypes)), squeeze=False
-    )
+    n_cases = max(len({(r["model"], r["N"]) for r in rows if r["dtype"] == dt}) for dt in dtypes) if rows else 1
+    width = min(24.0, max(6.0, 0.25 * n_cases * len(providers) + 2))  # a quarter inch per bar
+    fig, axes = plt.subplots(len(dtypes), 1, figsize=(width, 4 * len(dtypes)), squeeze=False)
     for ax, dt in zip(axes[:, 0], dtypes, strict=True):
         cases = list(dict.fromkeys((r["model"], r["N"]) for r in rows if r["dtype"] == dt))
         width = 0.8 / max(len(providers), 1)
