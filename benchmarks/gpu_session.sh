@@ -14,22 +14,24 @@
 #                                                                   -> OUTDIR/test*.log, OUTDIR/test*.xml
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck, initcheck on benchmarks/sanitizer_case.py
 #                                                                                     -> OUTDIR/sanitize-*.log
-#   bench     benchmarks/bench_op.py --device cuda for the automatic kernel choice and for each CUDA kernel
-#             forced (LATENTSEEK_CUDA_KERNEL), with its own results           -> OUTDIR/bench-*/, bench-*.log
+#   bench     benchmarks/bench_op.py --device cuda for the automatic kernel choice, and for each CUDA kernel
+#             forced (LATENTSEEK_CUDA_KERNEL) that BENCH_KERNELS names          -> OUTDIR/bench-*/, bench-*.log
 #   profile   Nsight Compute speed-of-light of the fused and chunked kernels at N=64 H=896 V=151936 bf16
 #                                                                                       -> OUTDIR/profile.txt
-# Each stage runs under a time limit (STAGE_TIMEOUT, default 540 s), and a failed stage does not stop the later
-# ones; OUTDIR/summary.txt gets one line per stage and the exit status is non-zero if any stage failed. A device
-# tool that limits one command to 10 minutes runs the stages over several calls into the same OUTDIR, e.g.
-#   gpu_session.sh OUT env wheels build test;  gpu_session.sh OUT sanitize profile;  gpu_session.sh OUT bench
-# (the in-place build stays in the working tree between calls on the same machine).
-# Knobs for a short lease: TEST_FILES (default tests/test_op*.py), PYTEST_ARGS (extra pytest arguments),
-# SANITIZE_TOOLS (default "memcheck racecheck synccheck initcheck"), BENCH_KERNELS (default "auto fused chunked"),
-# BENCH_ARGS (default "--cases gpu --dtypes bf16,fp32"). LS_CC / LS_CXX pick the host compilers of the build.
+# Each stage runs under a time limit (STAGE_TIMEOUT, default 240 s), and a failed stage does not stop the later
+# ones; OUTDIR/summary.txt gets one line per stage and the exit status is non-zero if any stage failed.
+# The defaults fit one call of a 15-minute lease (the device tool returns at most 8 files, so pack OUTDIR):
+#   timeout 560 bash benchmarks/gpu_session.sh /tmp/gs; tar czf "$OUT/gs.tgz" -C /tmp gs
+# Sized from the stage times of the 2026-11-29 H200 session: env 5 s, build 40-65 s, op tests about 2 min,
+# memcheck + racecheck on the first calls 16 s, the bf16 benchmark of the 5 default shapes 72 s.
+# Knobs: TEST_FILES (default tests/test_op*.py), PYTEST_ARGS (extra pytest arguments), SANITIZE_TOOLS (default
+# "memcheck racecheck synccheck initcheck"), BENCH_KERNELS (default "auto"; "auto fused chunked" also forces each
+# kernel), BENCH_ARGS (default: 5 shapes in bf16 and fp16; "--cases gpu --dtypes bf16,fp16,fp32" is the full grid,
+# which needs a longer lease), LS_CC / LS_CXX (the host compilers of the build).
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
-  sed -n "2,28p" "$0"
+  sed -n "2,$(($(grep -n "^set -uo pipefail" "$0" | cut -d: -f1) - 1))p" "$0"
   exit 2
 fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,9 +39,10 @@ OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
 shift
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(env wheels build test sanitize bench profile)
-STAGE_TIMEOUT="${STAGE_TIMEOUT:-540}"
-BENCH_KERNELS="${BENCH_KERNELS:-auto fused chunked}"
-BENCH_ARGS="${BENCH_ARGS:---cases gpu --dtypes bf16,fp32}"
+STAGE_TIMEOUT="${STAGE_TIMEOUT:-240}"
+BENCH_KERNELS="${BENCH_KERNELS:-auto}"
+LEASE_CASES="Qwen2.5-0.5B:64,Qwen2.5-0.5B:300,Qwen2.5-1.5B:2048,Llama-3.1-8B:2048,Qwen2.5-7B:4096"
+BENCH_ARGS="${BENCH_ARGS:---cases $LEASE_CASES --dtypes bf16,fp16 --min-time 0.5 --max-runs 10}"
 SANITIZE_TOOLS="${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}"
 TEST_FILES="${TEST_FILES:-tests/test_op*.py}"
 PYTEST_ARGS="${PYTEST_ARGS:-}"
@@ -206,7 +209,7 @@ stage_profile() {
   local rc=0 k
   : >"$OUT/profile.txt"
   for k in fused chunked; do
-    LATENTSEEK_CUDA_KERNEL="$k" timeout "$STAGE_TIMEOUT" ncu --section SpeedOfLight --section Occupancy \
+    LATENTSEEK_CUDA_KERNEL="$k" timeout "$STAGE_TIMEOUT" ncu --clock-control none --section SpeedOfLight --section Occupancy \
       --section LaunchStats --kernel-name regex:'fused_mma|chunk_rows|merge_splits' --launch-skip 3 --launch-count 3 \
       "$PY" - >>"$OUT/profile.txt" 2>&1 <<'EOF' || rc=$?
 import torch, latentseek_ext
