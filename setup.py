@@ -8,6 +8,9 @@ TORCH_CUDA_ARCH_LIST picks the GPU targets (default "8.0;9.0a"); LATENTSEEK_NO_C
 
 import glob
 import os
+import shutil
+import subprocess
+import sys
 
 from setuptools import setup
 
@@ -21,6 +24,12 @@ except ImportError as e:  # pragma: no cover - a build without torch cannot prod
     ) from e
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# libstdc++ must be the shared library that torch uses. A compiler whose default links a static copy (the H200
+# image's /opt/gcc did) leaves a private libstdc++ inside _C: its streams meet the locale set up by torch's, and a
+# TORCH_CHECK message with an integer in it came out cut short (CPU) or crashed the process (that GPU image).
+# The explicit -Bdynamic -lstdc++ comes before the compiler's own libraries, so the shared one wins.
+LINK_ARGS = ["-fopenmp", "-Wl,--push-state,-Bdynamic,-lstdc++,--pop-state"]
 
 
 def _sources(pattern: str) -> list[str]:
@@ -42,15 +51,36 @@ def _extension():
                 "cxx": cxx_flags + ["-DLATENTSEEK_WITH_CUDA"],
                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-DLATENTSEEK_WITH_CUDA", "--expt-relaxed-constexpr"],
             },
-            extra_link_args=["-fopenmp"],
+            extra_link_args=LINK_ARGS,
         )
     return CppExtension(
         "latentseek_ext._C",
         cpp_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=LINK_ARGS,
     )
+
+
+def _check_shared_libstdcxx(path: str) -> None:
+    """Refuses a built extension that defines libstdc++'s own stream code (a private static copy, see LINK_ARGS)."""
+    nm = shutil.which("nm")
+    if not sys.platform.startswith("linux") or nm is None or not os.path.exists(path):
+        return
+    symbols = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True).stdout
+    if "_ZNSo9_M_insert" in symbols:  # std::ostream::_M_insert<T>, which lives in libstdc++.so
+        raise SystemExit(
+            f"{path} carries a private copy of libstdc++ (it defines std::ostream::_M_insert): its error messages "
+            "would be cut short or crash beside torch's libstdc++. Build with a compiler that links libstdc++ "
+            "dynamically, e.g. CC=/usr/bin/gcc CXX=/usr/bin/g++."
+        )
+
+
+class BuildExt(BuildExtension.with_options(use_ninja=True)):
+    def build_extensions(self):
+        super().build_extensions()
+        for ext in self.extensions:
+            _check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
 
 
 setup(
@@ -61,7 +91,7 @@ setup(
     package_dir={"latentseek_ext": "latentseek_ext", "latentseek": "python/latentseek"},
     package_data={"latentseek": ["data/*.jsonl"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "transformers>=4.45", "tqdm", "matplotlib", "math-verify"],
     extras_require={"hub": ["datasets"], "parquet": ["pyarrow"], "gguf": ["gguf", "accelerate"]},

@@ -134,9 +134,9 @@ stage_build() {
   if [ -z "$arch" ]; then
     arch="$("$PY" -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}.{m}" + ("a" if M == 9 else ""))')"
   fi
-  # The H200 image's default CC/CXX (/opt/gcc) linked a private copy of libstdc++ into _C (its functions resolved
-  # inside _C in a backtrace); its streams then met torch's libstdc++ locale and building an error message
-  # (TORCH_CHECK with an integer) crashed. The system compilers link libstdc++ as a shared library, like torch.
+  # The H200 image's default CC/CXX (/opt/gcc) linked a private copy of libstdc++ into _C, which broke error
+  # messages; setup.py now links the shared one explicitly and refuses a build that still carries a copy. The
+  # system compilers, where present, are the ones that link it like torch does.
   local cc="${LS_CC:-}" cxx="${LS_CXX:-}"
   if [ -z "$cxx" ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
     cc=/usr/bin/gcc
@@ -144,13 +144,12 @@ stage_build() {
   fi
   echo "build: TORCH_CUDA_ARCH_LIST=$arch CC=${cc:-${CC:-default}} CXX=${cxx:-${CXX:-default}}"
   rm -rf latentseek_ext/_C*.so build/temp.*
-  CC="${cc:-${CC:-}}" CXX="${cxx:-${CXX:-}}" TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-16}" \
-    run_logged "$OUT/build.log" "$PY" setup.py build_ext --inplace || return $?
-  if ! ldd latentseek_ext/_C*.so | grep -q 'libstdc++'; then
-    echo "build: _C does not load libstdc++.so: it carries a private copy, which crashes beside torch's;" \
-      "set LS_CXX / LS_CC to compilers that link libstdc++ dynamically"
-    return 1
-  fi
+  (
+    [ -n "$cc" ] && export CC="$cc"
+    [ -n "$cxx" ] && export CXX="$cxx"
+    TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-16}" run_logged "$OUT/build.log" \
+      "$PY" setup.py build_ext --inplace
+  ) || return $?
   "$PY" -c 'import latentseek_ext as m; assert "cuda" in m.EXTENSION_DEVICES, f"no CUDA kernel: {m.EXTENSION_ERROR}"; print("build: kernels for", sorted(m.EXTENSION_DEVICES))'
 }
 
