@@ -206,6 +206,29 @@ def test_error_hidden_size_mismatch():
     _raises(r"H = hidden.shape\[-1\] = 3, got shape \[5, 4\]", torch.randn(2, 3), torch.randn(5, 4))
 
 
+def test_error_message_with_numbers_after_many_calls():
+    # A build with a private static libstdc++ (setup.py's LINK_ARGS) cut these messages short where the integer goes.
+    hidden, weight, _ = make(3, 8, 50, torch.float32)
+    for _ in range(20):
+        ext(hidden, weight)
+        with pytest.raises(RuntimeError, match=r"H = hidden.shape\[-1\] = 8, got shape \[50, 7\]"):
+            ext(hidden, weight[:, :7])
+
+
+def test_extension_links_the_shared_libstdcxx():
+    import shutil
+    import subprocess
+
+    import latentseek_ext._C as ext_module
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm not found")
+    symbols = subprocess.run([nm, "-D", "--defined-only", ext_module.__file__], capture_output=True, text=True).stdout
+    assert symbols, "nm listed no symbols"
+    assert "_ZNSo9_M_insert" not in symbols, "latentseek_ext._C carries a private copy of libstdc++"
+
+
 def test_error_dtype_mix():
     _raises(r"weight must have hidden's dtype \(Float\), got Half", torch.randn(2, 3), torch.randn(5, 3).half())
 
