@@ -228,20 +228,14 @@ def memory_probe(provider: str, case: Case, device: str) -> dict:
     inputs = make_inputs(case, device)
     fn = provider_fn(provider, inputs)
     fn()  # warm-up: compilation, caches
-    gc.collect()
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = fn()
-        torch.cuda.synchronize()
-        extra = torch.cuda.max_memory_allocated() - base
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident set (VmHWM) to the current one
-        base = common.current_rss_bytes()
-        out = fn()
-        extra = _vm_hwm_bytes() - base
+        return cuda_peak_extra(fn)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident set (VmHWM) to the current one
+    base = common.current_rss_bytes()
+    out = fn()
+    extra = _vm_hwm_bytes() - base
     del out
     return {"peak_extra_bytes": int(extra)}
 
