@@ -10,8 +10,8 @@ Providers (each computes tokens / logp / grad of the LatentSeek update, or the c
 For each case (N, H, V, dtype) it reports the median time with its p20-p80 band (providers interleaved run by run so
 that a noisy machine slows all of them alike), GFLOP/s as 4NHV / t, and the fraction of the floor: the floor is
 max(4NHV / the fastest matmul rate measured in this run for these shapes, bytes that must move / measured copy
-bandwidth). Peak extra memory of each provider is measured in a fresh subprocess (CPU: the peak resident set over
-the call, reset after a warm-up call; CUDA: torch.cuda.max_memory_allocated).
+bandwidth). Peak extra memory of each provider is measured after a warm-up call: on CPU as the peak resident set
+over the call, in a fresh subprocess; on CUDA as torch.cuda.max_memory_allocated, in this process.
 
     python benchmarks/bench_op.py --device cpu --cases headline --tag op-cpu-headline
     python benchmarks/bench_op.py --device cpu --cases grid --tag op-cpu-grid
@@ -212,7 +212,7 @@ def floor_setup(case: Case, inputs: dict, device: str) -> tuple[Callable[[], obj
     return gemm_pair, info
 
 
-# --- memory in a fresh subprocess ----------------------------------------------------------------------------------
+# --- memory: CPU in a fresh subprocess, CUDA in-process ---------------------------------------------------------------
 
 
 def _vm_hwm_bytes() -> int:
@@ -223,13 +223,11 @@ def _vm_hwm_bytes() -> int:
     return common.peak_rss_bytes()
 
 
-def memory_probe(provider: str, case: Case, device: str) -> dict:
-    """Runs in its own process: peak memory of one call beyond the inputs (after a warm-up call)."""
-    inputs = make_inputs(case, device)
+def memory_probe(provider: str, case: Case) -> dict:
+    """Runs in its own process: peak resident memory of one CPU call beyond the inputs (after a warm-up call)."""
+    inputs = make_inputs(case, "cpu")
     fn = provider_fn(provider, inputs)
     fn()  # warm-up: compilation, caches
-    if device.startswith("cuda"):
-        return cuda_peak_extra(fn)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak resident set (VmHWM) to the current one
@@ -240,16 +238,14 @@ def memory_probe(provider: str, case: Case, device: str) -> dict:
     return {"peak_extra_bytes": int(extra)}
 
 
-def measure_memory(provider: str, case: Case, device: str) -> dict:
-    """CPU: in a fresh subprocess (the resident set has no reset that ignores what earlier providers left behind).
-    CUDA: see cuda_peak_extra, called in the benchmark's own process."""
+def measure_memory(provider: str, case: Case) -> dict:
+    """CPU peak memory in a fresh subprocess (the resident set has no reset that ignores what earlier providers left
+    behind). CUDA memory needs no fresh process: cuda_peak_extra, called in the benchmark's own process."""
     cmd = [
         sys.executable,
         __file__,
         "--memory-probe",
         provider,
-        "--device",
-        device,
         "--probe-case",
         json.dumps(dataclasses.asdict(case)),
     ]
@@ -317,8 +313,8 @@ def run_case(
             row["fraction_of_floor"] = floor["floor_s"] / s["median_s"]
         if name in cuda_memory:
             row.update(cuda_memory[name])
-        elif with_memory and name not in errors and name != FLOOR:
-            row.update(measure_memory(name, case, device))
+        elif with_memory and name not in errors and name != FLOOR:  # on CPU; CUDA rows came from cuda_memory
+            row.update(measure_memory(name, case))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "floor"}), flush=True)
     return rows
@@ -510,13 +506,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     ap.add_argument("--min-time", type=float, default=10.0, help="seconds of timed runs per case (at least 3 runs)")
     ap.add_argument("--max-runs", type=int, default=15)
-    ap.add_argument("--no-memory", action="store_true", help="skip the per-provider memory subprocesses")
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-provider peak-memory measurement")
     ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--probe-case", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, Case(**json.loads(args.probe_case)), args.device)))
+        print(json.dumps(memory_probe(args.memory_probe, Case(**json.loads(args.probe_case)))))
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device is visible")
