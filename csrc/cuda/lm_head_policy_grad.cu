@@ -792,10 +792,11 @@ __global__ void __launch_bounds__(SimtTile::kThreads) fused_simt_kernel(const Fu
 
 constexpr int kMergeThreads = 256;
 
-// The merge kernel's shared memory, all of it dynamic: [merged RowState][factor per split, zero padded]. The
-// padding: the grad loop's guarded reads of factor[s] (s < splits) come out of the compiler as one 12-byte shared
-// read at the loop's tail, which compute-sanitizer memcheck flagged on an H200 as running past a 2-split factor
-// array; padding to a multiple of 4 entries plus 4 keeps every such read inside the allocation and reading zeros.
+// The merge kernel's shared memory, all of it dynamic: [merged RowState][factor per split, zero padded]. Why the
+// padding: on an H200, compute-sanitizer memcheck reported a 12-byte shared read in the grad loop's factor[s]
+// that ran past a 2-split factor array. The PTX loads there are separate and guarded by s < splits, so the wider
+// read is ptxas's (inferred; the SASS was not inspected). Padding to a multiple of 4 entries plus 4 keeps every
+// such read inside the allocation and reading zeros; memcheck was clean after it.
 template <typename acc_t>
 constexpr size_t merge_state_bytes() {
   return (sizeof(RowState<acc_t>) + 15) / 16 * 16;
@@ -813,7 +814,7 @@ __global__ void __launch_bounds__(kMergeThreads)
                         int64_t* tokens_out, acc_t* logp_out, acc_t* grad_out) {
   extern __shared__ __align__(128) unsigned char merge_smem[];
   RowState<acc_t>& final_state = *reinterpret_cast<RowState<acc_t>*>(merge_smem);
-  acc_t* factor = reinterpret_cast<acc_t*>(merge_smem + merge_state_bytes<acc_t>());  // [splits]
+  acc_t* factor = reinterpret_cast<acc_t*>(merge_smem + merge_state_bytes<acc_t>());  // [merge_factor_slots]
   const int n = blockIdx.x, tid = threadIdx.x;
 
   if (tid < 32) {
