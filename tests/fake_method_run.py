@@ -19,8 +19,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from latentseek.data import Problem
-from latentseek.runs import init_distributed, run_eval
+from latentseek.eval.data import Problem
+from latentseek.eval.runs import init_distributed, run_eval
 
 
 def make_problems(n: int) -> list[Problem]:

@@ -9,7 +9,7 @@ from collections import defaultdict
 import torch
 
 from latentseek import MAX_UPDATE_LENGTH, LatentSeekConfig
-from latentseek.generation import build_prompt_ids, stop_token_ids
+from latentseek.chat import build_prompt_ids, stop_token_ids
 
 
 class Scripted:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from fake_method_run import FakeMethod, make_problems
-from latentseek.cli import main
-from latentseek.report import ACCURACY_PLOT, REPORT_FILE
-from latentseek.runs import load_run, run_eval
+from latentseek.eval.cli import main
+from latentseek.eval.report import ACCURACY_PLOT, REPORT_FILE
+from latentseek.eval.runs import load_run, run_eval
 
 
 def test_report_subcommand_prints_the_table_and_writes_files(tmp_path, capsys):
@@ -46,8 +46,8 @@ def test_unknown_subcommand_is_an_error():
 
 @pytest.fixture
 def tiny(monkeypatch):
-    """`latentseek.cli.load_model` returning a tiny random model; records the calls."""
-    import latentseek.cli as cli
+    """`latentseek.eval.cli.load_model` returning a tiny random model; records the calls."""
+    import latentseek.eval.cli as cli
     from tiny_lm import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -75,7 +75,7 @@ def _eval_args(dataset, out, *extra):
 
 
 def test_eval_writes_a_run_resumes_it_and_refuses_another_config(tmp_path, dataset, tiny, capsys, monkeypatch):
-    from latentseek.methods import CoT
+    from latentseek.eval.methods import CoT
 
     solved = []
     original = CoT.solve_batch

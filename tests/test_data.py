@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from latentseek import data
-from latentseek.data import (
+from latentseek.eval import data
+from latentseek.eval.data import (
     BENCHMARKS,
     DEMO_PROBLEMS_PATH,
     DatasetError,

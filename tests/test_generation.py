@@ -5,14 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentseek.generation import (
-    PrefixCache,
-    build_prompt_ids,
-    extend,
-    generate,
-    sampling_picker,
-    stop_token_ids,
-)
+from latentseek.chat import build_prompt_ids, stop_token_ids
+from latentseek.generation import extend, generate, sampling_picker
+from latentseek.kv_cache import PrefixCache
 from latentseek.model import ModelAdapter
 from tiny_lm import QUESTIONS, tiny_model, tiny_tokenizer
 

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from latentseek.judge import (
+from latentseek.eval.judge import (
     answers_match,
     extract_answer,
     extract_boxed,
@@ -14,7 +14,7 @@ from latentseek.judge import (
     is_equivalent,
     parse_number,
 )
-from latentseek.prompts import JSON_ANSWER_KEY, JSON_REASONING_KEY
+from latentseek.eval.prompts import JSON_ANSWER_KEY, JSON_REASONING_KEY
 
 T, F = True, False
 PMAT = "\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}"

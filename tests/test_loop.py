@@ -9,7 +9,7 @@ import torch
 
 import latentseek_ext
 from latentseek import LatentSeek, LatentSeekConfig
-from latentseek.generation import build_prompt_ids
+from latentseek.chat import build_prompt_ids
 from naive_loop import Scripted, naive_latentseek
 from tiny_lm import QUESTIONS, tiny_model, tiny_tokenizer
 

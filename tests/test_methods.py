@@ -1,4 +1,4 @@
-"""latentseek.methods on a tiny random model: valid records, token and time accounting, the choice rules."""
+"""latentseek.eval.methods on a tiny random model: valid records, token and time accounting, the choice rules."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from latentseek.data import Problem
-from latentseek.generation import build_prompt_ids, generate
-from latentseek.judge import answers_match, extract_answer
-from latentseek.methods import (
+from latentseek.chat import build_prompt_ids
+from latentseek.eval.data import Problem
+from latentseek.eval.judge import answers_match, extract_answer
+from latentseek.eval.methods import (
     BestOfN,
     CoT,
     LatentSeekMethod,
@@ -18,10 +18,11 @@ from latentseek.methods import (
     majority_vote,
     make_method,
 )
+from latentseek.eval.prompts import solver_messages
+from latentseek.eval.runs import validate_record
+from latentseek.generation import generate
 from latentseek.model import ModelAdapter
-from latentseek.prompts import solver_messages
 from latentseek.rewards import Score
-from latentseek.runs import validate_record
 from tiny_lm import QUESTIONS, tiny_model, tiny_tokenizer
 
 MAX_NEW = 8

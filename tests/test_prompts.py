@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from latentseek.judge import answers_match, extract_answer
-from latentseek.prompts import (
+from latentseek.eval.judge import answers_match, extract_answer
+from latentseek.eval.prompts import (
     JSON_ANSWER_KEY,
     JSON_REASONING_KEY,
     PROMPT_STYLES,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fake_method_run import FakeMethod, make_problems
-from latentseek.report import (
+from latentseek.eval.report import (
     ACCURACY_PLOT,
     ITERATIONS_PLOT,
     REPORT_FILE,
@@ -16,7 +16,7 @@ from latentseek.report import (
     mean_reward_by_iteration,
     report,
 )
-from latentseek.runs import RESULTS_FILE, SHARD_DIR, RecordWriter, RunError, load_run, run_eval
+from latentseek.eval.runs import RESULTS_FILE, SHARD_DIR, RecordWriter, RunError, load_run, run_eval
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import latentseek.rewards as rewards
+from latentseek.eval.judge import answers_match
 from latentseek.rewards import (
     BOXED_FORMAT,
     CHECKS,
@@ -17,7 +18,6 @@ from latentseek.rewards import (
     SelfReward,
     as_reward,
     evaluate,
-    last_number_judge,
     parse_verdict,
 )
 from tiny_lm import tiny_model, tiny_tokenizer
@@ -146,36 +146,31 @@ def test_self_reward_arguments_are_checked(model, tok):
 # --- oracle --------------------------------------------------------------------------------------------------------
 
 
+def _judge_twelve(response: str, gold: str) -> bool:
+    return response.endswith(gold)
+
+
 def test_oracle_is_zero_when_the_judge_accepts_else_minus_one():
-    reward = OracleReward(judge=last_number_judge)
+    reward = OracleReward(judge=_judge_twelve)
     scores = reward.score(["q"] * 3, ["so 12", "so 13", "no number"], ["12", "12", "12"])
     assert [s.value for s in scores] == [0.0, -1.0, -1.0]
 
 
 def test_oracle_needs_gold_answers():
     with pytest.raises(ValueError, match="gold"):
-        OracleReward(judge=last_number_judge).score(["q"], ["12"], [None])
+        OracleReward(judge=_judge_twelve).score(["q"], ["12"], [None])
 
 
-def test_oracle_default_judge_is_latentseek_judge():
-    # Numbers compare as numbers and MATH answers by equivalence: things last_number_judge gets wrong.
+def test_oracle_needs_a_callable_judge():
+    with pytest.raises(TypeError, match="judge must be callable"):
+        OracleReward(judge="answers_match")
+
+
+def test_oracle_with_the_harness_judge():
+    # Numbers compare as numbers and MATH answers by equivalence.
     answers = ["The total is \\boxed{\\frac{1}{2}}", "so the answer is $1,000.00", "\\boxed{7}"]
     golds = ["0.5", "1000", "8"]
-    assert [s.value for s in OracleReward().score(["q"] * 3, answers, golds)] == [0.0, 0.0, -1.0]
-
-
-@pytest.mark.parametrize(
-    "response, gold, match",
-    [
-        ("The total is 1,234.", "1234", True),
-        ("3 apples then 18", "18", True),
-        ("it is -2.50", "-2.5", True),
-        ("18 then 3", "18", False),  # the last number counts
-        ("nothing", "18", False),
-    ],
-)
-def test_last_number_judge(response, gold, match):
-    assert last_number_judge(response, gold) is match
+    assert [s.value for s in OracleReward(answers_match).score(["q"] * 3, answers, golds)] == [0.0, 0.0, -1.0]
 
 
 # --- callables and the output check ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fake_method_run import FakeMethod, make_problems
-from latentseek.runs import (
+from latentseek.eval.runs import (
     CONFIG_FILE,
     LOCK_FILE,
     RECORD_FIELDS,

@@ -9,8 +9,9 @@
 """
 
 from . import rewards
+from .chat import build_prompt_ids, stop_token_ids
 from .config import MAX_UPDATE_LENGTH, LatentSeekConfig
-from .generation import Generation, build_prompt_ids, generate, stop_token_ids
+from .generation import Generation, generate
 from .loop import LatentSeek, Result
 from .model import ModelAdapter, load_model
 

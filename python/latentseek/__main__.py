@@ -2,6 +2,6 @@
 
 import sys
 
-from latentseek.cli import main
+from latentseek.eval.cli import main
 
 sys.exit(main())

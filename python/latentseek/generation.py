@@ -1,8 +1,7 @@
 """KV-cached, batched generation that keeps the hidden state behind every token.
 
 :func:`generate` is the public entry point (greedy, or temperature / top-p sampling with a seed);
-:func:`build_prompt_ids` formats a question with the tokenizer's chat template and :func:`stop_token_ids` finds the
-tokens that end an answer. :func:`extend` is the engine's core: it continues rows that may already own a KV cache
+:func:`extend` is the engine's core: it continues rows that may already own a KV cache
 (:class:`PrefixCache`), which is how LatentSeek reuses a prompt's cache for every optimisation step.
 
 Batch layout. Row i has ``c_i`` cached tokens and ``t_i`` new tokens. The cached parts are right-aligned in the
@@ -18,30 +17,17 @@ is longer than the window covers a few pad columns; rows shorter than the window
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
+from .chat import stop_token_ids
+from .kv_cache import PrefixCache, batch_cache, new_cache, take_prefix
 from .model import ModelAdapter
-
-Messages = Sequence[Mapping[str, str]]
-Problem = str | Messages
 
 # A picker turns the last logits [b, V] of the rows still running (their indices in the call) into tokens [b].
 Picker = Callable[[torch.Tensor, list[int]], torch.Tensor]
-
-
-@dataclass
-class PrefixCache:
-    """The keys and values of one sequence's first ``length`` tokens: one ``(key, value)`` pair per layer.
-
-    Each tensor is ``[1, kv_heads, length, head_dim]``; the tokens were computed at positions ``0 .. length-1``.
-    """
-
-    layers: list[tuple[torch.Tensor, torch.Tensor]]
-    length: int
 
 
 @dataclass
@@ -62,99 +48,6 @@ class Generation:
     hidden: list[torch.Tensor] | None
     prefixes: list[PrefixCache | None]
     prefill_tokens: int
-
-
-def as_messages(problem: Problem, system: str | None = None) -> list[dict[str, str]]:
-    """A question string becomes ``[{"role": "user", ...}]``; a message list is checked and copied.
-
-    Raises ValueError on an empty question, an empty message list, or a message without ``role`` / ``content``.
-    """
-    if isinstance(problem, str):
-        if not problem.strip():
-            raise ValueError("the question is empty")
-        messages = [{"role": "user", "content": problem}]
-    else:
-        messages = [dict(m) for m in problem]
-        if not messages:
-            raise ValueError("the message list is empty")
-        for i, m in enumerate(messages):
-            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"message {i} must have string 'role' and 'content' fields, got {m!r}")
-        if not question_text(messages).strip():
-            raise ValueError("the question (the last user message) is empty")
-    if system is not None:
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
-
-
-def question_text(problem: Problem) -> str:
-    """The question a reward sees: the string itself, or the content of the last user message."""
-    if isinstance(problem, str):
-        return problem
-    users = [m["content"] for m in problem if m.get("role") == "user"]
-    if not users:
-        raise ValueError("the message list has no user message")
-    return users[-1]
-
-
-def build_prompt_ids(tokenizer, question_or_messages: Problem, system: str | None = None) -> list[int]:
-    """Token ids of the chat-formatted prompt, ending with the template's assistant header.
-
-    Args:
-        tokenizer: a transformers tokenizer with a chat template.
-        question_or_messages: a question (sent as one user message) or a list of ``{"role", "content"}`` dicts.
-        system: an optional system message put first.
-
-    Raises:
-        ValueError: empty question, malformed messages, or a tokenizer without a chat template.
-    """
-    messages = as_messages(question_or_messages, system)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"{type(tokenizer).__name__} has no chat template; set tokenizer.chat_template or pass token ids "
-            "to latentseek.generation.generate directly"
-        )
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    return [int(i) for i in ids]
-
-
-def _end_of_turn_id(tokenizer) -> int | None:
-    """The special token the chat template puts right after an assistant message (``<|im_end|>``, ...)."""
-    mark = "LATENTSEEKMARK"
-    try:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}], tokenize=False
-        )
-    except Exception:  # a template may refuse this conversation in any way; it then has no end-of-turn to find
-        return None
-    tail = text[text.find(mark) + len(mark) :] if mark in text else ""
-    ids = tokenizer.encode(tail, add_special_tokens=False) if tail else []
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-    special.discard(tokenizer.unk_token_id)
-    return ids[0] if ids and ids[0] in special else None
-
-
-def stop_token_ids(tokenizer, model: torch.nn.Module | ModelAdapter | None = None) -> list[int]:
-    """The ids that end an answer: the tokenizer's EOS, the model's ``generation_config.eos_token_id`` (one or a
-    list), and the chat template's end-of-turn token. Raises ValueError when there is none."""
-    found: list[int] = []
-
-    def add(value) -> None:
-        for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and int(v) not in found:
-                found.append(int(v))
-
-    add(getattr(tokenizer, "eos_token_id", None))
-    if isinstance(model, ModelAdapter):
-        model = model.model
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        add(generation_config.eos_token_id)
-    if getattr(tokenizer, "chat_template", None):
-        add(_end_of_turn_id(tokenizer))
-    if not found:
-        raise ValueError("found no stop token: the tokenizer has no eos_token and the model no eos_token_id")
-    return found
 
 
 def greedy_picker() -> Picker:
@@ -194,80 +87,6 @@ def sampling_picker(
         return order.gather(1, index)[:, 0]
 
     return pick
-
-
-class _BufferLayer(DynamicLayer):
-    """A cache layer that writes new keys and values in place into a preallocated buffer.
-
-    transformers' DynamicLayer concatenates the whole cache for every new token, which copies O(length) memory per
-    token (a fifth of a batch-8 decode step on CPU at 300 tokens); here a token costs O(1). ``keys`` / ``values``
-    are views of the filled part, as the models expect. :func:`extend` knows the capacity a call needs.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__()
-        self.capacity = capacity
-        self.length = 0
-
-    def allocate(self, batch: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
-        """Zeroed buffers for ``batch`` rows with the heads, head size, dtype and device of the given tensors."""
-        self.dtype, self.device = key_like.dtype, key_like.device
-        self._keys = key_like.new_zeros(batch, key_like.shape[1], self.capacity, key_like.shape[3])
-        self._values = value_like.new_zeros(batch, value_like.shape[1], self.capacity, value_like.shape[3])
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.allocate(key_states.shape[0], key_states, value_states)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache overflow: {end} tokens for a capacity of {self.capacity}")
-        self._keys[:, :, self.length : end] = key_states
-        self._values[:, :, self.length : end] = value_states
-        self.length = end
-        self._expose()
-        return self.keys, self.values
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.is_initialized:
-            self._keys, self._values = self._keys[indices], self._values[indices]
-            self._expose()
-
-    def _expose(self) -> None:
-        self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
-
-
-def _new_cache(adapter: ModelAdapter, capacity: int) -> Cache:
-    return Cache(layers=[_BufferLayer(capacity) for _ in range(adapter.num_layers)])
-
-
-def _batch_cache(adapter: ModelAdapter, prefixes: Sequence[PrefixCache | None], columns: int, capacity: int) -> Cache:
-    """A cache whose first ``columns`` columns hold each row's prefix right-aligned (zeros, masked out, elsewhere)."""
-    cache = _new_cache(adapter, capacity)
-    like = next(p for p in prefixes if p is not None and p.length > 0)
-    for i, layer in enumerate(cache.layers):
-        layer.allocate(len(prefixes), *like.layers[i])
-        for row, prefix in enumerate(prefixes):
-            if prefix is not None and prefix.length > 0:
-                key, value = prefix.layers[i]
-                layer._keys[row, :, columns - prefix.length : columns] = key[0]
-                layer._values[row, :, columns - prefix.length : columns] = value[0]
-        layer.length = columns
-        layer._expose()
-    return cache
-
-
-def _take_prefix(cache: Cache, mask: torch.Tensor, row: int, length: int) -> PrefixCache:
-    """Copy the keys and values of the first ``length`` real tokens of batch row ``row``."""
-    columns = mask[row].nonzero()[:length, 0]
-    layers = [
-        (layer.keys[row : row + 1, :, columns].clone(), layer.values[row : row + 1, :, columns].clone())
-        for layer in cache.layers
-    ]
-    return PrefixCache(layers, int(columns.numel()))
 
 
 @torch.inference_mode()
@@ -315,9 +134,9 @@ def extend(
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)[:, C:]
     capacity = C + T + max_new_tokens
     if C > 0:
-        cache = _batch_cache(adapter, [prefix for prefix, _ in rows], C, capacity)
+        cache = batch_cache(adapter, [prefix for prefix, _ in rows], C, capacity)
     else:
-        cache = _new_cache(adapter, capacity)
+        cache = new_cache(adapter, capacity)
     mask, input_ids, positions = mask.to(device), input_ids.to(device), positions.to(device)
 
     tokens: list[list[int]] = [[] for _ in range(n)]
@@ -341,7 +160,7 @@ def extend(
         if finished:
             if keep_prefix is not None:
                 for j in finished:
-                    prefixes[active[j]] = _take_prefix(cache, mask, j, keep_prefix[active[j]])
+                    prefixes[active[j]] = take_prefix(cache, mask, j, keep_prefix[active[j]])
             keep = [j for j in range(len(active)) if j not in set(finished)]
             if not keep:
                 break

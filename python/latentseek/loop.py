@@ -44,8 +44,10 @@ import torch
 import latentseek_ext
 from latentseek_ext.reference import acc_dtype
 
+from .chat import Prompt, as_messages, build_prompt_ids, question_text, stop_token_ids
 from .config import LatentSeekConfig, update_length
-from .generation import PrefixCache, Problem, as_messages, build_prompt_ids, extend, question_text, stop_token_ids
+from .generation import extend
+from .kv_cache import PrefixCache
 from .model import ModelAdapter
 from .rewards import RewardLike, as_reward, evaluate
 
@@ -162,7 +164,7 @@ class LatentSeek:
                 "build it (pip install --no-build-isolation -e .) or use impl='auto' / 'reference'"
             )
 
-    def solve(self, problem: Problem, gold: str | None = None) -> Result:
+    def solve(self, problem: Prompt, gold: str | None = None) -> Result:
         """LatentSeek on one question (a string, or a list of chat messages)."""
         if not isinstance(problem, str) and problem and all(isinstance(p, str) for p in problem):
             raise TypeError("solve takes one problem (a string or a list of messages); use solve_batch for a list")
@@ -170,7 +172,7 @@ class LatentSeek:
 
     def solve_batch(
         self,
-        problems: Sequence[Problem],
+        problems: Sequence[Prompt],
         golds: Sequence[str | None] | None = None,
         *,
         progress: bool | Callable[[int, int], None] = False,

@@ -21,8 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .generation import build_prompt_ids, extend, greedy_picker, stop_token_ids
-from .judge import answers_match
+from .chat import build_prompt_ids, stop_token_ids
+from .generation import extend, greedy_picker
 from .model import ModelAdapter
 
 
@@ -254,33 +254,25 @@ class SelfReward:
 
 # --- oracle ----------------------------------------------------------------------------------------------------------
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def last_number_judge(response: str, gold: str) -> bool:
-    """A simple numeric judge: the last number in the response equals the gold number (commas ignored)."""
-    found, want = _NUMBER.findall(response), _NUMBER.findall(gold)
-    if not found or not want:
-        return False
-    try:
-        return math.isclose(float(found[-1].replace(",", "")), float(want[-1].replace(",", "")), abs_tol=1e-9)
-    except ValueError:
-        return False
-
 
 class OracleReward:
     """PSRM: 0 when ``judge(answer, gold)`` says the answer's final value is right, else -1.
 
     Args:
-        judge: ``judge(response_text, gold) -> bool``; None uses :func:`latentseek.judge.answers_match` (numbers as
-            numbers, MATH answers by math-verify equivalence).
+        judge: ``judge(response_text, gold) -> bool``. The evaluation harness passes
+            :func:`latentseek.eval.judge.answers_match` (numbers as numbers, MATH answers by math-verify equivalence);
+            the algorithm does not import the harness, so the judge is always given.
     """
 
-    def __init__(self, judge: Callable[[str, str], bool] | None = None) -> None:
+    def __init__(self, judge: Callable[[str, str], bool]) -> None:
+        if not callable(judge):
+            raise TypeError(
+                f"OracleReward: judge must be callable (response, gold) -> bool, got {type(judge).__name__}"
+            )
         self.judge = judge
 
     def score(self, questions: Sequence[str], answers: Sequence[str], golds: Sequence[str | None]) -> list[Score]:
-        judge = self.judge or answers_match
+        judge = self.judge
         out = []
         for i, (answer, gold) in enumerate(zip(answers, golds, strict=True)):
             if gold is None:

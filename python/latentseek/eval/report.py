@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentseek.runs import Run, load_run
+from latentseek.eval.runs import Run, load_run
 
 REPORT_FILE = "report.md"
 ACCURACY_PLOT = "accuracy_by_method.png"

@@ -1,6 +1,6 @@
 """Final-answer extraction from model responses, and judging an answer against the gold one.
 
-Extraction (`extract_answer`) understands both solver prompt styles of `latentseek.prompts` and what models do
+Extraction (`extract_answer`) understands both solver prompt styles of `latentseek.eval.prompts` and what models do
 instead of following them, in this order:
 
 1. the final-answer field of a JSON object (P2), even inside code fences or followed by end-of-turn text;
@@ -23,7 +23,7 @@ from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from typing import Any, NamedTuple
 
-from latentseek.prompts import JSON_ANSWER_KEY
+from latentseek.eval.prompts import JSON_ANSWER_KEY
 
 # Seconds math-verify may spend parsing or comparing one expression (sympy can hang on adversarial input).
 MATH_VERIFY_TIMEOUT_S = 5

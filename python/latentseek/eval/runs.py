@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from latentseek.data import Problem
+from latentseek.eval.data import Problem
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.jsonl"

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentseek.judge import parse_number
-from latentseek.prompts import AnswerKind
+from latentseek.eval.judge import parse_number
+from latentseek.eval.prompts import AnswerKind
 
-DEMO_PROBLEMS_PATH = Path(__file__).resolve().parent / "data" / "demo_problems.jsonl"
+DEMO_PROBLEMS_PATH = Path(__file__).resolve().parent / "assets" / "demo_problems.jsonl"
 
 # GSM8K writes the gold answer after this marker, at the end of its worked solution.
 GSM8K_ANSWER_MARKER = "####"

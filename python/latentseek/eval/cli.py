@@ -15,12 +15,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from latentseek.data import DatasetError, Problem, load_problems
-from latentseek.methods import METHODS, REWARDS, LatentSeekMethod, check_knobs, make_method
+from latentseek.eval.data import DatasetError, Problem, load_problems
+from latentseek.eval.methods import METHODS, REWARDS, LatentSeekMethod, check_knobs, make_method
+from latentseek.eval.prompts import ANSWER_KINDS, PROMPT_STYLES
+from latentseek.eval.report import report
+from latentseek.eval.runs import RunError, init_distributed, run_eval
 from latentseek.model import load_model
-from latentseek.prompts import ANSWER_KINDS, PROMPT_STYLES
-from latentseek.report import report
-from latentseek.runs import RunError, init_distributed, run_eval
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -173,7 +173,7 @@ def _solve(args: argparse.Namespace) -> int:
         f"{'solved' if result.solved else 'not solved'}): {_extracted(result.final_answer)!r}"
     )
     if args.gold is not None:
-        from latentseek.judge import answers_match
+        from latentseek.eval.judge import answers_match
 
         verdict = "correct" if answers_match(result.final_answer, args.gold) else "wrong"
         print(f"gold {args.gold!r}: {verdict}")
@@ -182,7 +182,7 @@ def _solve(args: argparse.Namespace) -> int:
 
 
 def _extracted(answer: str) -> str | None:
-    from latentseek.judge import extract_answer
+    from latentseek.eval.judge import extract_answer
 
     return extract_answer(answer)
 

@@ -1,4 +1,4 @@
-"""The evaluation methods that ``latentseek eval --method`` runs, one record per problem for :mod:`latentseek.runs`.
+"""The evaluation methods that ``latentseek eval --method`` runs, one record per problem for :mod:`latentseek.eval.runs`.
 
 - ``cot``: one greedy chain-of-thought answer per problem.
 - ``bon``: best-of-N. N candidates (the first greedy, the others sampled), the one with the best reward
@@ -8,8 +8,8 @@
 - ``latentseek``: the LatentSeek loop (:class:`~latentseek.loop.LatentSeek`) with the self-verification reward
   (``self``) or the gold-answer reward (``oracle``).
 
-Every method prompts with :func:`latentseek.prompts.solver_messages` and judges its final answer against the gold
-answer with :mod:`latentseek.judge` (never with a reward: the oracle reward is LatentSeek's signal, not the verdict).
+Every method prompts with :func:`latentseek.eval.prompts.solver_messages` and judges its final answer against the gold
+answer with :mod:`latentseek.eval.judge` (never with a reward: the oracle reward is LatentSeek's signal, not the verdict).
 Every record counts the tokens the model generated for the problem, the verifier's included, so methods can be
 compared at equal compute, and the wall seconds spent on it (a batch's time is shared equally by its problems,
 LatentSeek's per phase by the problems taking part in it).
@@ -28,21 +28,15 @@ from typing import Any
 
 import torch
 
-from .config import LatentSeekConfig
+from ..chat import build_prompt_ids, question_text, stop_token_ids
+from ..config import LatentSeekConfig
+from ..generation import extend, greedy_picker, sampling_picker
+from ..loop import AnswerCallback, LatentSeek, Result
+from ..model import ModelAdapter
+from ..rewards import BOXED_FORMAT, BatchReward, OracleReward, RewardLike, SelfReward, as_reward, evaluate
 from .data import Problem
-from .generation import (
-    build_prompt_ids,
-    extend,
-    greedy_picker,
-    question_text,
-    sampling_picker,
-    stop_token_ids,
-)
 from .judge import answers_match, extract_answer, is_equivalent
-from .loop import AnswerCallback, LatentSeek, Result
-from .model import ModelAdapter
 from .prompts import PROMPT_STYLES, solver_messages
-from .rewards import BOXED_FORMAT, BatchReward, OracleReward, RewardLike, SelfReward, as_reward, evaluate
 
 METHODS = ("cot", "bon", "self-consistency", "latentseek")
 REWARDS = ("self", "oracle")
@@ -384,7 +378,7 @@ def _make_reward(reward: str | RewardLike, method: _Method, verifier_max_new_tok
             method.adapter, method.tokenizer, max_new_tokens=verifier_max_new_tokens, format_rule=rule
         )
     if reward == "oracle":
-        return reward, OracleReward()
+        return reward, OracleReward(answers_match)
     raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
 
 

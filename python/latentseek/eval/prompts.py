@@ -4,7 +4,7 @@
 - ``"json"`` (the paper's P2): reply with one JSON object holding the reasoning and the final answer.
 
 Both go into a single user turn, with no system message, because some chat templates (Gemma's, for one) reject
-a system role. `latentseek.judge.extract_answer` reads answers written in either style.
+a system role. `latentseek.eval.judge.extract_answer` reads answers written in either style.
 """
 
 from __future__ import annotations
