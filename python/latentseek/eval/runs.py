@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from latentseek.errors import RunError
 from latentseek.eval.data import Problem
 
 CONFIG_FILE = "config.json"
@@ -59,10 +60,6 @@ class Method(Protocol):
     """What the runner runs: a batch of problems in, one record per problem out, in the same order."""
 
     def solve_batch(self, problems: Sequence[Problem]) -> list[dict[str, Any]]: ...
-
-
-class RunError(RuntimeError):
-    """A run directory that cannot be used as asked."""
 
 
 class ConfigMismatchError(RunError):
