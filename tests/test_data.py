@@ -204,3 +204,148 @@ def test_the_public_sets_load_from_local_copies(file, count, first_gold, kind):
     problems = load_problems(SHARED_DATA / file)
     assert len(problems) == count and len({p.id for p in problems}) == count
     assert problems[0].gold == first_gold and problems[0].answer_kind == kind
+
+
+# --- record errors name the file, the record (line or index, and id) and the field ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        # the case: the second record lacks its answer
+        (
+            ['{"question": "q1", "answer": "1"}', '{"question": "q2"}'],
+            r"set\.jsonl: line 2: answer field 'answer' is missing \(its fields: \['question'\]\)",
+        ),
+        # line numbers are the file's, blank lines counted
+        (
+            ['{"question": "q1", "answer": "1"}', "", '{"question": "q2"}'],
+            r"set\.jsonl: line 3: answer field 'answer' is missing",
+        ),
+        # a field some records have and others lack: the first record without it
+        (
+            ['{"question": "q1", "answer": "1"}', '{"problem": "q2", "answer": "2"}'],
+            r"line 2: question field 'question' is missing \(its fields: \['answer', 'problem'\]\)",
+        ),
+        (
+            ['{"question": "q1", "answer": "1", "id": "a"}', '{"question": "  ", "answer": "2", "id": "b"}'],
+            r"line 2 \(id 'b'\): question field 'question' is empty",
+        ),
+        (['{"question": 7, "answer": "1"}'], r"line 1: question field 'question' is a number \(7\), expected text"),
+        (['{"question": null, "answer": "1"}'], r"line 1: question field 'question' is null"),
+        (
+            ['{"question": "q", "answer": null}'],
+            r"line 1: answer field 'answer' is null, expected text or a finite number",
+        ),
+        (['{"question": "q", "answer": [1, 2]}'], r"answer field 'answer' is a list"),
+        (['{"question": "q", "answer": {"value": 1}}'], r"answer field 'answer' is an object"),
+        (['{"question": "q", "answer": true}'], r"answer field 'answer' is a boolean \(true\)"),
+        (['{"question": "q", "answer": NaN}'], r"answer field 'answer' is a number \(nan\)"),
+        (['{"question": "q", "answer": "  "}'], r"answer field 'answer' holds no answer"),
+        (['{"question": "q", "answer": "work, no number ####"}'], r"answer field 'answer' holds no answer"),
+        (
+            [
+                '{"question": "q", "answer": "1", "unique_id": "u1"}',
+                '{"question": "r", "answer": "", "unique_id": "u2"}',
+            ],
+            r"line 2 \(unique_id 'u2'\): answer field",
+        ),
+        (
+            ['{"text": "q", "label": "1"}'],
+            r"line 1: no question field: none of \['question', 'problem', 'Question', 'Problem'\] is among its fields \['label', 'text'\]; name the field with question_field \(--question-field\)",
+        ),
+        (["[1, 2]"], r"set\.jsonl:1: expected a JSON object, got a list"),
+    ],
+)
+def test_record_errors_name_the_file_the_record_and_the_field(tmp_path, lines, message):
+    path = tmp_path / "set.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DatasetError, match=message) as caught:
+        load_problems(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_numeric_answers_are_accepted_as_their_text(tmp_path):
+    rows = [{"question": "q1", "answer": 18}, {"question": "q2", "answer": 4.5}, {"question": "q3", "answer": -3}]
+    problems = load_problems(write_jsonl(tmp_path / "numbers.jsonl", rows))
+    assert [p.gold for p in problems] == ["18", "4.5", "-3"]
+    assert {p.answer_kind for p in problems} == {"number"}
+
+
+def test_a_named_id_field_must_be_unique_and_present(tmp_path):
+    rows = [{"k": "a", "question": "q1", "answer": "1"}, {"k": "b", "question": "q2", "answer": "2"}]
+    rows.append({"k": "a", "question": "q3", "answer": "3"})
+    path = write_jsonl(tmp_path / "ids.jsonl", rows)
+    with pytest.raises(DatasetError, match=r"ids\.jsonl: line 3: duplicate id 'a' \(field 'k'\): line 1 has it too"):
+        load_problems(path, id_field="k")
+    rows[2]["k"] = None
+    with pytest.raises(DatasetError, match=r"line 3: id field 'k' is null"):
+        load_problems(write_jsonl(path, rows), id_field="k")
+    del rows[2]["k"]
+    with pytest.raises(
+        DatasetError, match=r"line 3: id field 'k' is missing \(its fields: \['answer', 'question'\]\); add it"
+    ):
+        load_problems(write_jsonl(path, rows), id_field="k")
+
+
+def test_a_named_field_that_no_record_has(tmp_path):
+    path = write_jsonl(tmp_path / "f.jsonl", [{"question": "q", "answer": "1"}])
+    with pytest.raises(
+        DatasetError, match=r"f\.jsonl: line 1: answer field 'solution' is missing .*\(--answer-field\)"
+    ):
+        load_problems(path, answer_field="solution")
+
+
+def test_json_and_parquet_records_are_named_by_index(tmp_path):
+    rows = [{"problem": "p1", "answer": "1", "id": 10}, {"problem": "p2", "answer": None, "id": 11}]
+    (tmp_path / "set.json").write_text(json.dumps(rows), encoding="utf-8")
+    with pytest.raises(DatasetError, match=r"set\.json: index 1 \(id '11'\): answer field 'answer' is null"):
+        load_problems(tmp_path / "set.json")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "set.parquet")
+    with pytest.raises(DatasetError, match=r"set\.parquet: index 1 \(id '11'\): answer field 'answer' is null"):
+        load_problems(tmp_path / "set.parquet")
+
+
+def test_hub_records_are_named_by_hub_id_split_and_index(monkeypatch):
+    fake_datasets(monkeypatch, rows=[{"Problem": "p", "Answer": 3}, {"Problem": "", "Answer": 4}])
+    with pytest.raises(DatasetError, match=r"someone/set \(train\): index 1: question field 'Problem' is empty"):
+        load_problems("someone/set", split="train")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("broken.json", '[\n  {"question": "q",\n  "answer": }\n]', r"broken\.json:3:13: not valid JSON"),
+        ("binary.jsonl", b"\xff\xfe\x00q", r"binary\.jsonl is not UTF-8 text"),
+        ("corrupt.parquet", b"not parquet at all", r"corrupt\.parquet is not a readable Parquet file"),
+        ("scalar.json", "42", r"scalar\.json: expected a list of JSON objects, got a number \(42\)"),
+        ("mixed.json", '[{"question": "q", "answer": "1"}, "text"]', r"mixed\.json: .* index 1 is a string"),
+    ],
+)
+def test_unreadable_files_give_one_line_errors(tmp_path, name, content, message):
+    if name.endswith(".parquet"):
+        pytest.importorskip("pyarrow")
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    with pytest.raises(DatasetError, match=message) as caught:
+        load_problems(path)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_directory_or_a_negative_limit_is_refused(tmp_path):
+    with pytest.raises(DatasetError, match="is a directory"):
+        load_problems(tmp_path)
+    with pytest.raises(DatasetError, match="limit must be >= 0, got -1"):
+        load_problems("demo", limit=-1)
+
+
+def test_dataset_error_is_a_latentseek_error_and_a_value_error():
+    from latentseek.errors import DatasetError as Typed
+    from latentseek.errors import LatentSeekError
+
+    assert DatasetError is Typed and issubclass(DatasetError, LatentSeekError) and issubclass(DatasetError, ValueError)

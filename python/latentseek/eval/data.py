@@ -10,17 +10,27 @@ A source is one of
 
 Problem ids are stable across loads of the same data, so an interrupted run resumes by id: the set's own id field when
 it has one, else the record's position plus a hash of its question and gold answer.
+
+Every record is checked when the set is loaded, before any model work: a bad one raises
+:class:`~latentseek.errors.DatasetError` with one line naming the file, the record ("line 7" in a JSONL file, "index 3"
+in a JSON list, a Parquet table or a hub split, with its id when it has one) and the field. Questions must be non-empty
+text; answers must be non-empty text or a finite number (JSON numbers, as some GSM8K-style files write them, become
+their ``str()``: ``18`` -> "18"); null, lists, objects and booleans are refused. A field that some records have and
+others lack names the first record without it; a named id field must be present, non-null and unique.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from latentseek.errors import DatasetError
 from latentseek.eval.judge import parse_number
 from latentseek.eval.prompts import AnswerKind
 
@@ -69,8 +79,7 @@ class Problem:
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
-class DatasetError(ValueError):
-    """A problem set that cannot be found, read, or understood."""
+Location = str  # where a record sits in its source: "line 7" (JSONL, 1-based) or "index 3" (JSON, Parquet, hub)
 
 
 def gold_from_answer(answer: Any) -> str:
@@ -83,34 +92,72 @@ def gold_from_answer(answer: Any) -> str:
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """The records of a local .jsonl, .json (a list of objects, or one key holding such a list) or .parquet file."""
-    path = Path(path)
+    return _read_located(Path(path))[0]
+
+
+def _read_located(path: Path) -> tuple[list[dict[str, Any]], list[Location]]:
+    """The records of a local file and where each one is ("line 7" in a JSONL file, else "index 3")."""
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            records = []
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DatasetError(f"{path}:{line_no}: not a JSON object: {e}") from e
-    elif suffix == ".json":
-        with path.open(encoding="utf-8") as f:
-            content = json.load(f)
-        if isinstance(content, dict):
-            lists = [v for v in content.values() if isinstance(v, list)]
-            if len(lists) != 1:
-                raise DatasetError(f"{path}: expected a list of records, or an object with exactly one list in it")
-            content = lists[0]
-        records = content
-    elif suffix == ".parquet":
-        records = _read_parquet(path)
-    else:
+    if path.is_dir():
+        raise DatasetError(f"{path} is a directory; pass a .jsonl, .json or .parquet file")
+    if suffix not in (".jsonl", ".json", ".parquet"):
         raise DatasetError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise DatasetError(f"{path}: expected a list of JSON objects")
+    try:
+        if suffix == ".parquet":
+            records: Any = _read_parquet(path)
+            return _objects(path, records), [f"index {i}" for i in range(len(records))]
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 JSON") from e
+    except OSError as e:
+        raise DatasetError(f"cannot read {path}: {e.strerror or e}") from e
+    if suffix == ".jsonl":
+        records, locations = [], []
+        for line_no, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{line_no}: not a JSON object: {e}; fix or delete the line") from e
+            if not isinstance(record, dict):
+                raise DatasetError(
+                    f"{path}:{line_no}: expected a JSON object, got {_kind(record)}; each line must be one record"
+                )
+            records.append(record)
+            locations.append(f"line {line_no}")
+        return records, locations
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}") from e
+    if isinstance(content, dict):
+        lists = [v for v in content.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DatasetError(f"{path}: expected a list of records, or an object with exactly one list in it")
+        content = lists[0]
+    if not isinstance(content, list):
+        raise DatasetError(f"{path}: expected a list of JSON objects, got {_kind(content)}")
+    return _objects(path, content), [f"index {i}" for i in range(len(content))]
+
+
+def _objects(path: Path, records: list[Any]) -> list[dict[str, Any]]:
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DatasetError(f"{path}: expected a list of JSON objects, but index {bad} is {_kind(records[bad])}")
     return records
+
+
+def _kind(value: Any) -> str:
+    """How a message names a value's type: "null", "a list", "a number", ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, numbers.Real):
+        return f"a number ({value})"
+    names = {str: "a string", list: "a list", dict: "an object"}
+    return next((name for t, name in names.items() if isinstance(value, t)), f"a {type(value).__name__}")
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
@@ -119,7 +166,12 @@ def _read_parquet(path: Path) -> list[dict[str, Any]]:
     except ImportError:
         pass
     else:
-        return pq.read_table(path).to_pylist()
+        import pyarrow
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except pyarrow.ArrowException as e:
+            raise DatasetError(f"{path} is not a readable Parquet file: {e}") from e
     try:
         import pandas as pd
     except ImportError:
@@ -145,31 +197,103 @@ def _hub_records(hub_id: str, config: str | None, split: str) -> list[dict[str, 
     return [dict(r) for r in ds]
 
 
-def _pick_field(records: Sequence[dict[str, Any]], given: str | None, candidates: Sequence[str], what: str) -> str:
-    available = sorted(records[0]) if records else []
-    if given is not None:
-        missing = [i for i, r in enumerate(records) if given not in r]
-        if missing:
-            raise DatasetError(f"{what} field {given!r} is missing from record {missing[0]}; fields: {available}")
-        return given
-    for name in candidates:
-        if all(name in r for r in records):
-            return name
-    raise DatasetError(f"no {what} field among {list(candidates)}; fields: {available}; name it explicitly")
+class _Records:
+    """Records with their source and locations, so that every error names the file, the record and the field."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], source: str, locations: Sequence[Location] | None) -> None:
+        self.records = records
+        self.source = source
+        self.locations = list(locations) if locations is not None else [f"index {i}" for i in range(len(records))]
+        if len(self.locations) != len(records):
+            raise ValueError(f"got {len(self.locations)} locations for {len(records)} records")
+        self.id_field: str | None = None
+
+    def where(self, i: int) -> str:
+        """ "FILE: line 7 (id 'x')", with the id when the record has one."""
+        record_id = self.records[i].get(self.id_field) if self.id_field is not None else None
+        tail = f" ({self.id_field} {str(record_id)!r})" if record_id is not None else ""
+        return f"{self.source}: {self.locations[i]}{tail}"
+
+    def error(self, i: int, message: str) -> DatasetError:
+        return DatasetError(f"{self.where(i)}: {message}")
+
+    def pick_field(self, given: str | None, candidates: Sequence[str], what: str) -> str:
+        """The field holding `what`: `given` (in every record), else the first candidate that any record has.
+
+        A field that some records have and others lack is an error naming the first record without it.
+        """
+        option = f"{what}_field (--{what}-field)"
+        names = [given] if given is not None else [c for c in candidates if any(c in r for r in self.records)][:1]
+        if not names:
+            raise self.error(
+                0,
+                f"no {what} field: none of {list(candidates)} is among its fields {sorted(self.records[0])}; "
+                f"name the field with {option}",
+            )
+        missing = next((i for i, r in enumerate(self.records) if names[0] not in r), None)
+        if missing is not None:
+            raise self.error(
+                missing,
+                f"{what} field {names[0]!r} is missing (its fields: {sorted(self.records[missing])}); "
+                f"add it there, or name the right field with {option}",
+            )
+        return names[0]
+
+    def detect_id_field(self, given: str | None) -> str | None:
+        """`given` (checked: present, not null, unique), else the first of ID_FIELDS that every record has with
+        distinct non-null values (a column called "id" that repeats is not an id), else None."""
+        if given is not None:
+            self.pick_field(given, (), "id")
+            self.check_ids(given)
+            self.id_field = given
+            return given
+        for name in ID_FIELDS:
+            values = [r.get(name) for r in self.records]
+            if all(name in r for r in self.records) and None not in values:
+                if len({str(v) for v in values}) == len(values):
+                    self.id_field = name
+                    return name
+        return None
+
+    def check_ids(self, name: str) -> None:
+        seen: dict[str, int] = {}
+        for i, r in enumerate(self.records):
+            value = r[name]
+            if value is None or isinstance(value, (list, dict)) or not str(value).strip():
+                raise self.error(i, f"id field {name!r} is {_kind(value)}; every record needs its own id")
+            key = str(value)
+            if key in seen:
+                raise self.error(
+                    i,
+                    f"duplicate id {key!r} (field {name!r}): {self.locations[seen[key]]} has it too; ids must be unique",
+                )
+            seen[key] = i
+
+    def question(self, i: int, name: str) -> str:
+        value = self.records[i][name]
+        if not isinstance(value, str):
+            raise self.error(i, f"question field {name!r} is {_kind(value)}, expected text")
+        if not value.strip():
+            raise self.error(i, f"question field {name!r} is empty; remove the record or fill in its question")
+        return value.strip()
+
+    def gold(self, i: int, name: str) -> str:
+        """The gold answer: a string (GSM8K's "#### N" taken), or a finite number written with str()."""
+        value = self.records[i][name]
+        if isinstance(value, str):
+            gold = gold_from_answer(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+            gold = gold_from_answer(value)
+        else:
+            raise self.error(i, f"answer field {name!r} is {_kind(value)}, expected text or a finite number")
+        if not gold:
+            raise self.error(i, f"answer field {name!r} holds no answer ({value!r}); fill it in or remove the record")
+        return gold
 
 
-def _problem_ids(
-    records: Sequence[dict[str, Any]], id_field: str | None, questions: list[str], golds: list[str]
-) -> list[str]:
-    if id_field is None:
-        id_field = next((f for f in ID_FIELDS if all(f in r for r in records)), None)
-        if id_field is not None and len({str(r[id_field]) for r in records}) != len(records):
-            id_field = None  # a field called "id" that is not unique is not an id
+def _problem_ids(rows: _Records, id_field: str | None, questions: list[str], golds: list[str]) -> list[str]:
     if id_field is not None:
-        ids = [str(r[id_field]) for r in records]
-        if len(set(ids)) != len(ids):
-            raise DatasetError(f"id field {id_field!r} has duplicate values")
-        return ids
+        return [str(r[id_field]) for r in rows.records]
     # Position alone would silently pair a changed file with old results; the hash makes an edited record new.
     return [f"{i:05d}-{_digest(q, g)}" for i, (q, g) in enumerate(zip(questions, golds, strict=True))]
 
@@ -184,17 +308,26 @@ def problems_from_records(
     question_field: str | None = None,
     answer_field: str | None = None,
     id_field: str | None = None,
+    source: str = "records",
+    locations: Sequence[Location] | None = None,
 ) -> list[Problem]:
-    """Problems from raw records; unnamed fields are looked up among the public sets' names."""
+    """Problems from raw records; unnamed fields are looked up among the public sets' names.
+
+    Every record is checked, and the first bad one raises a :class:`DatasetError` that names `source`, the
+    record's location (``locations[i]``, default "index i") and id, and the field: a question that is not text or is
+    empty, an answer that is missing, null, a list/object/boolean, or empty, an id that is null or repeats, a field
+    that some records have and others lack. Numeric answers (JSON numbers, common in GSM8K-like files) are accepted
+    and written with ``str()``: ``18`` becomes "18", ``4.5`` "4.5".
+    """
     if not records:
-        raise DatasetError("the problem set is empty")
-    q_field = _pick_field(records, question_field, QUESTION_FIELDS, "question")
-    a_field = _pick_field(records, answer_field, ANSWER_FIELDS, "answer")
-    if id_field is not None:
-        _pick_field(records, id_field, (), "id")
-    questions = [str(r[q_field]).strip() for r in records]
-    golds = [gold_from_answer(r[a_field]) for r in records]
-    ids = _problem_ids(records, id_field, questions, golds)
+        raise DatasetError(f"{source}: the problem set is empty")
+    rows = _Records(records, source, locations)
+    id_name = rows.detect_id_field(id_field)
+    q_field = rows.pick_field(question_field, QUESTION_FIELDS, "question")
+    a_field = rows.pick_field(answer_field, ANSWER_FIELDS, "answer")
+    questions = [rows.question(i, q_field) for i in range(len(records))]
+    golds = [rows.gold(i, a_field) for i in range(len(records))]
+    ids = _problem_ids(rows, id_name, questions, golds)
     kind: AnswerKind = "number" if all(parse_number(g) is not None for g in golds) else "math"
     return [
         Problem(id=i, question=q, gold=g, answer_kind=kind, raw=dict(r))
@@ -216,29 +349,35 @@ def load_problems(
     `split` only applies to hub ids that are not benchmark names. `limit` keeps the first N problems; ids do not
     depend on it, so a run can be extended with a larger limit.
     """
+    if limit is not None and limit < 0:
+        raise DatasetError(f"limit must be >= 0, got {limit}")
     source_text = str(source)
+    locations: list[Location] | None = None
     if source_text == "demo":
-        records = read_records(DEMO_PROBLEMS_PATH)
+        records, locations = _read_located(DEMO_PROBLEMS_PATH)
     elif source_text in BENCHMARKS:  # a local file with such a name is reached as ./gsm8k
         bench = BENCHMARKS[source_text]
         records = _hub_records(bench.hub_id, bench.hub_config, bench.split)
+        source_text = f"{bench.hub_id} ({bench.split})"
         question_field = question_field or bench.question_field
         answer_field = answer_field or bench.answer_field
         id_field = id_field or bench.id_field
     elif Path(source_text).exists():
-        records = read_records(source_text)
+        records, locations = _read_located(Path(source_text))
     elif "/" in source_text and not Path(source_text).suffix:
         records = _hub_records(source_text, None, split)
+        source_text = f"{source_text} ({split})"
     else:
         raise DatasetError(
             f"{source_text!r} is neither a file nor one of the benchmarks {sorted(BENCHMARKS)} / 'demo' "
             "nor a Hugging Face dataset id (owner/name)"
         )
     problems = problems_from_records(
-        records, question_field=question_field, answer_field=answer_field, id_field=id_field
+        records,
+        question_field=question_field,
+        answer_field=answer_field,
+        id_field=id_field,
+        source=source_text,
+        locations=locations,
     )
-    if limit is not None:
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
-        problems = problems[:limit]
-    return problems
+    return problems if limit is None else problems[:limit]
