@@ -7,11 +7,23 @@ correct and the fallback where the compiled extension is missing.
 """
 
 from . import reference
-from .ops import EXTENSION_DEVICES, EXTENSION_ERROR, extension_available, lm_head_logprob, lm_head_policy_grad
+from .ops import (
+    EXTENSION_DEVICES,
+    EXTENSION_ERROR,
+    IMPLS,
+    Impl,
+    extension_available,
+    lm_head_logprob,
+    lm_head_policy_grad,
+)
+from .reference import acc_dtype
 
 __all__ = [
     "EXTENSION_DEVICES",
     "EXTENSION_ERROR",
+    "IMPLS",
+    "Impl",
+    "acc_dtype",
     "extension_available",
     "lm_head_logprob",
     "lm_head_policy_grad",

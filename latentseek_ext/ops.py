@@ -35,14 +35,16 @@ it exists, else the reference).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from . import reference
 from .reference import Reward, acc_dtype, as_reward_tensor
 
+#: Which implementation of the ops runs (see the module docstring); the one definition of these names.
 Impl = Literal["auto", "ext", "reference"]
+IMPLS: tuple[Impl, ...] = get_args(Impl)
 
 try:
     from . import _C  # noqa: F401  (registers the torch.ops.latentseek_ext kernels)
@@ -52,13 +54,16 @@ except ImportError as e:  # the pure-torch reference still works
     EXTENSION_ERROR = e
 
 
-def _has_kernel(op: str, key: str) -> bool:
-    return EXTENSION_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"latentseek_ext::{op}", key)
+def _has_kernel(op: str, key: torch.DispatchKey) -> bool:
+    """Whether the compiled library registered a kernel of `op` for `key` (the public query of the op object)."""
+    return EXTENSION_ERROR is None and getattr(torch.ops.latentseek_ext, op).default.has_kernel_for_dispatch_key(key)
 
 
 #: Device types ("cpu", "cuda") for which the compiled kernel is available.
 EXTENSION_DEVICES: frozenset[str] = frozenset(
-    d for d, key in (("cpu", "CPU"), ("cuda", "CUDA")) if _has_kernel("lm_head_policy_grad", key)
+    d
+    for d, key in (("cpu", torch.DispatchKey.CPU), ("cuda", torch.DispatchKey.CUDA))
+    if _has_kernel("lm_head_policy_grad", key)
 )
 
 
@@ -70,8 +75,8 @@ def extension_available(device: torch.device | str = "cpu") -> bool:
 def _use_extension(impl: Impl, hidden: torch.Tensor) -> bool:
     if impl == "reference":
         return False
-    if impl not in ("auto", "ext"):
-        raise ValueError(f"latentseek_ext: impl must be 'auto', 'ext' or 'reference', got {impl!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"latentseek_ext: impl must be one of {IMPLS}, got {impl!r}")
     if hidden.device.type in EXTENSION_DEVICES:
         return True
     if impl == "ext":

@@ -318,6 +318,14 @@ def test_impl_switch_and_fallback(monkeypatch):
         lm_head_policy_grad(hidden, weight, impl="ext")
 
 
+def test_extension_devices_are_the_registered_kernels():
+    # every build registers the CPU kernel (this module only runs where it is built); CUDA only on a CUDA torch
+    assert "cpu" in ops.EXTENSION_DEVICES
+    assert ("cuda" in ops.EXTENSION_DEVICES) <= (torch.version.cuda is not None)
+    assert ops._has_kernel("lm_head_logprob", torch.DispatchKey.CPU)
+    assert not ops._has_kernel("lm_head_policy_grad", torch.DispatchKey.XLA)
+
+
 # --- lm_head_logprob and autograd ----------------------------------------------------------------------------------
 
 

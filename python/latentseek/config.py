@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+
+from latentseek_ext import IMPLS, Impl
 
 #: The update length L never exceeds this many latents, whatever rho and the answer length (the original's cap).
 MAX_UPDATE_LENGTH = 300
-
-Impl = Literal["auto", "ext", "reference"]
 
 
 @dataclass
@@ -56,8 +55,8 @@ class LatentSeekConfig:
             raise ValueError(f"LatentSeekConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.grad_clip is not None and not (self.grad_clip > 0.0):
             raise ValueError(f"LatentSeekConfig.grad_clip must be None or > 0, got {self.grad_clip}")
-        if self.impl not in ("auto", "ext", "reference"):
-            raise ValueError(f"LatentSeekConfig.impl must be 'auto', 'ext' or 'reference', got {self.impl!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"LatentSeekConfig.impl must be one of {IMPLS}, got {self.impl!r}")
 
 
 def update_length(answer_length: int, rho: float, start_index: int) -> int:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 import latentseek_ext
-from latentseek_ext.reference import acc_dtype
+from latentseek_ext import acc_dtype
 
 from .chat import Prompt, as_messages, build_prompt_ids, question_text, stop_token_ids
 from .config import LatentSeekConfig, update_length
