@@ -10,6 +10,8 @@ import torch
 import latentseek_ext
 from latentseek import LatentSeek, LatentSeekConfig
 from latentseek.chat import build_prompt_ids
+from latentseek.model import ModelAdapter
+from latentseek.rewards import SelfReward
 from naive_loop import Scripted, naive_latentseek
 from tiny_lm import QUESTIONS, tiny_model, tiny_tokenizer
 
@@ -224,6 +226,15 @@ def test_a_reward_with_the_wrong_count_is_an_error(model, tok):
 def test_a_model_without_lm_head_is_refused(model, tok):
     with pytest.raises(ValueError, match="no LM head"):
         LatentSeek(model.model, tok, Scripted([0.0]), config())
+
+
+def test_a_model_or_its_adapter_is_taken(model, tok):
+    adapter = ModelAdapter.of(model)
+    assert isinstance(adapter, ModelAdapter) and adapter.model is model
+    assert ModelAdapter.of(adapter) is adapter
+    assert LatentSeek(adapter, tok, Scripted([0.0]), config()).adapter is adapter  # not rebuilt
+    assert SelfReward(adapter, tok).adapter is adapter
+    assert LatentSeek(model, tok, Scripted([0.0]), config()).adapter.model is model
 
 
 @pytest.mark.parametrize(

@@ -218,7 +218,7 @@ def generate(
         out = generate(model, tokenizer, [ids] * 4, 256, do_sample=True, temperature=0.7, top_p=0.95, seed=1)
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
     """
-    adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     if not prompts:
         raise ValueError("no prompts given")
     if any(len(p) == 0 for p in prompts):

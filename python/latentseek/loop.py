@@ -153,7 +153,7 @@ class LatentSeek:
     def __init__(
         self, model: torch.nn.Module, tokenizer, reward: RewardLike, config: LatentSeekConfig | None = None
     ) -> None:
-        self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+        self.adapter = ModelAdapter.of(model)
         self.tokenizer = tokenizer
         self.reward = as_reward(reward)
         self.config = config or LatentSeekConfig()

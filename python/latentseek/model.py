@@ -70,6 +70,15 @@ class ModelAdapter:
         if check:
             self.check_logits()
 
+    @classmethod
+    def of(cls, model: torch.nn.Module | ModelAdapter) -> ModelAdapter:
+        """The adapter of ``model``: ``model`` itself when it is one already, else a new (checked) adapter.
+
+        Functions that take "a model or its adapter" call this once; passing the adapter avoids rebuilding it (the
+        build runs the logits check, a short forward).
+        """
+        return model if isinstance(model, ModelAdapter) else cls(model)
+
     @property
     def device(self) -> torch.device:
         return self.weight.device

@@ -205,7 +205,7 @@ class SelfReward:
             raise ValueError("SelfReward needs at least one check")
         if max_new_tokens < 1:
             raise ValueError(f"SelfReward.max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+        self.adapter = ModelAdapter.of(model)
         self.tokenizer = tokenizer
         self.checks = tuple(checks)
         self.max_new_tokens = max_new_tokens

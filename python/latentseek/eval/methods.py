@@ -98,7 +98,7 @@ class _Method:
             raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {prompt!r}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+        self.adapter = ModelAdapter.of(model)
         self.tokenizer = tokenizer
         self.prompt = prompt
         self.max_new_tokens = max_new_tokens
@@ -417,7 +417,7 @@ def make_method(name: str, model, tokenizer, **knobs: Any) -> _Method:
     A knob the method does not use is an error (``--rho`` with ``cot`` is a mistake, not a no-op).
     """
     given = check_knobs(name, knobs)
-    adapter = model if isinstance(model, ModelAdapter) else ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     if name == "cot":
         return CoT(adapter, tokenizer, **given)
     if name == "bon":
