@@ -21,6 +21,7 @@ runner: ``-1`` for ``--steps`` answers, then ``0``), so every problem takes exac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -67,6 +68,22 @@ ARCHS = {
         ),
     ),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What one run measured: the model, the problem and the engine's settings."""
+
+    arch: str
+    params_m: float
+    threads: int
+    max_new_tokens: int
+    steps: int
+    rho: float
+    init_std: float
+    impl: str
+    batch: int
+    prompt_tokens: int
 
 
 def build_tokenizer(vocab_size: int):
@@ -123,6 +140,7 @@ def to_markdown(payload: dict) -> str:
     return (
         "# LatentSeek engine benchmark\n\n"
         + common.stamp_markdown(payload["stamp"])
+        + f"\nCommand: `{payload['command']}`\n"
         + f"\nModel: random weights, {s['arch']} architecture ({s['params_m']:.0f}M parameters), fp32, "
         f"{s['threads']} threads; prompt {s['prompt_tokens']} tokens, answers of {s['max_new_tokens']} tokens, "
         f"{s['steps']} optimiser steps per problem (scripted reward), rho {s['rho']} (L = {a['update_length']}).\n\n"
@@ -177,9 +195,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--impl", default="auto", choices=["auto", "ext", "reference"])
-    parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
-    parser.add_argument("--tag", default="loop-cpu")
+    common.add_output_args(parser, default_tag="loop-cpu")
     args = parser.parse_args()
+    dirty = common.check_tree(args.out_dir, args.allow_dirty)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -189,20 +207,7 @@ def main() -> None:
     qs = questions(args.batch, args.prompt_words, vocab, args.seed)
     script = [-1.0] * args.steps + [0.0]
     cfg = LatentSeekConfig(rho=args.rho, max_steps=args.steps, max_new_tokens=args.max_new_tokens, impl=args.impl)
-    payload = {
-        "stamp": common.stamp("cpu"),
-        "setup": {
-            "arch": args.arch,
-            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "threads": torch.get_num_threads(),
-            "max_new_tokens": args.max_new_tokens,
-            "steps": args.steps,
-            "rho": args.rho,
-            "init_std": args.init_std,
-            "impl": args.impl,
-            "batch": args.batch,
-        },
-    }
+    payload = {"stamp": common.stamp("cpu", dirty), "command": common.command_line()}
 
     # 1. One problem: engine vs naive.
     print(f"naive loop on one problem ({args.max_new_tokens} tokens per answer, {args.steps} steps) ...", flush=True)
@@ -218,9 +223,21 @@ def main() -> None:
         engine_times.append(time.perf_counter() - t0)
     if result.answer_ids != want_ids or result.rewards != want_rewards:
         raise SystemExit("the engine's answers differ from the naive loop's: no timing is reported")
-    engine_s = common.summarize(engine_times)["median_s"]
+    engine_s = common.Band.of(engine_times).median
     print(f"engine: {engine_s:.2f} s (x{naive_s / engine_s:.1f})", flush=True)
-    payload["setup"]["prompt_tokens"] = result.prompt_tokens
+    setup = Setup(
+        arch=args.arch,
+        params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+        threads=torch.get_num_threads(),
+        max_new_tokens=args.max_new_tokens,
+        steps=args.steps,
+        rho=args.rho,
+        init_std=args.init_std,
+        impl=args.impl,
+        batch=args.batch,
+        prompt_tokens=result.prompt_tokens,
+    )
+    payload["setup"] = dataclasses.asdict(setup)
     payload["engine_vs_naive"] = {
         "naive_s": naive_s,
         "engine_s": engine_s,

@@ -55,29 +55,47 @@ def test_bench_explicit_case_list():
         bench_op.cases_for("Qwen2.5-7B:many", ["bf16"])
 
 
-def _row(provider, n, h, v, median, *, floor_s=1.0, bytes_floor_s=0.5, peak=None):
-    row = {"model": "m", "N": n, "H": h, "V": v, "dtype": "bf16", "provider": provider, "median_s": median}
-    row["floor"] = {"floor_s": floor_s, "bytes_floor_s": bytes_floor_s}
-    row["fraction_of_floor"] = floor_s / median
-    if peak is not None:
-        row["peak_extra_bytes"] = peak
-    return row
+def _case_run(n, h, v, times, *, compute_s=1.0, bytes_s=0.5, peaks=None):
+    """A CaseRun with made-up floors and per-round times (a provider's list of seconds, one per round)."""
+    case = bench_op.Case("m", n, h, v, "bf16")
+    nbytes = 1_000_000
+    floors = bench_op.Floors(case.flops / compute_s, "bf16", nbytes / bytes_s, case.flops, nbytes)
+    peaks = peaks or {}
+    results = tuple(bench_op.Result(case, p, tuple(t), peaks.get(p)) for p, t in times.items())
+    return bench_op.CaseRun(case, floors, results)
 
 
-def test_cuda_targets_pass_and_fail_on_the_numbers():
+def test_cuda_targets_pass_fail_or_undecided_on_the_band():
     big = (4096, 3584, 152064)
     small = (64, 896, 151936)
-    rows = [
-        _row("ext", *big, 1.25, floor_s=1.0),  # 0.80 of the floor: pass
-        _row("liger", *big, 1.0),  # ext slower than Liger: fail
-        _row("cce", *big, 2.0),
-        _row("ext", *small, 1.0, bytes_floor_s=0.6, peak=64 * 896 * 4 * 3),  # 0.60 of the bandwidth: fail
-        _row("reference", *small, 3.0, peak=64 * 896 * 4 * 100),
+    mid = (2048, 4096, 128256)
+    runs = [
+        # 0.80 of the physical floor: pass; ext slower than Liger in every round: fail; faster than Cut CE: pass
+        _case_run(*big, {"ext": [1.25] * 5, "liger": [1.0] * 5, "cce": [2.0] * 5}, compute_s=1.0),
+        # 0.60 of the copy bandwidth: fail
+        _case_run(
+            *small,
+            {"ext": [1.0] * 5, "reference": [3.0] * 5},
+            bytes_s=0.6,
+            compute_s=0.1,
+            peaks={"ext": 64 * 896 * 4 * 3, "reference": 64 * 896 * 4 * 100},
+        ),
+        # ext / liger per round 0.8 .. 1.2: the median meets "< 1" but the band does not, so it is undecided
+        _case_run(*mid, {"ext": [0.8, 0.9, 1.0, 1.1, 1.2], "liger": [1.0] * 5}),
     ]
-    lines = bench_op.cuda_acceptance(rows)
+    lines = bench_op.target_lines(runs, "cuda")
+
+    def verdict(case: str, target: str) -> str:
+        (line,) = [line for line in lines if f" {case} bf16: {target}: " in line]
+        return line.rsplit("-> ", 1)[1]
+
+    big_case, small_case, mid_case = "N=4096 H=3584 V=152064", "N=64 H=896 V=151936", "N=2048 H=4096 V=128256"
+    assert verdict(big_case, "physical-floor / ext time (fraction of the floor) >= 0.6") == "PASS"
+    assert verdict(small_case, "copy-floor / ext time (fraction of the floor) >= 0.7") == "FAIL"
+    assert verdict(big_case, "ext / liger time < 1") == "FAIL"
+    assert verdict(big_case, "ext / cce time < 1") == "PASS"
+    assert verdict(mid_case, "ext / liger time < 1") == "UNDECIDED, more runs"
     text = "\n".join(lines)
-    assert "fraction of the floor 0.80 (target >= 0.60) PASS" in text
-    assert "fraction of the copy bandwidth 0.60 (target >= 0.70) FAIL" in text
-    assert "ext / liger time = 1.25 (target < 1) FAIL" in text
-    assert "ext / cce time = 0.62 (target < 1) PASS" in text
+    assert "(fraction of the floor) >= 0.6: 0.8 (p20-p80 0.80-0.80, 5 rounds)" in text
     assert "ext peak extra memory = 3.00 x N*H*4 bytes; the reference's 100 x" in text
+    assert bench_op.target_lines(runs, "cpu") == []  # the CUDA issue's targets are judged on CUDA only
