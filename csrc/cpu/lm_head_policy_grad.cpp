@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "latentseek/checks.h"
+#include "latentseek/entry.h"
 #include "latentseek/online_softmax.h"
 
 namespace latentseek {
@@ -373,62 +374,29 @@ void run_cpu(const LmHeadProblem& p, bool with_grad, at::Tensor& tokens_out, at:
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_cpu(const char* op, const at::Tensor& hidden,
-                                                           const at::Tensor& weight,
-                                                           const c10::optional<at::Tensor>& reward,
-                                                           const c10::optional<at::Tensor>& tokens,
-                                                           const c10::optional<at::Tensor>& bias, bool with_grad) {
-  LS_CHECK(hidden.device().is_cpu(), op, ": the CPU kernel got hidden on ", hidden.device());
-  // The op is a leaf of autograd (its backward is registered in Python). The dispatcher runs this kernel below the
-  // autograd key on the calling thread only: the worker threads of at::parallel_for would see inputs that require
-  // grad and the out= GEMMs would refuse them. Detached views carry no autograd state into any thread.
-  const auto detached = [](const c10::optional<at::Tensor>& t) {
-    return t.has_value() ? c10::optional<at::Tensor>(t->detach()) : c10::optional<at::Tensor>();
-  };
-  const LmHeadProblem p =
-      check_lm_head_inputs(op, hidden.detach(), weight.detach(), detached(reward), detached(tokens), detached(bias));
-  const auto acc = acc_dtype(hidden.scalar_type());
-  at::Tensor tokens_out = at::empty({p.N}, hidden.options().dtype(at::kLong));
-  at::Tensor logp_out = at::empty({p.N}, hidden.options().dtype(acc));
-  at::Tensor grad_out = at::empty({with_grad ? p.N : 0, with_grad ? p.H : 0}, hidden.options().dtype(acc));
-  if (p.N > 0) {
-    switch (hidden.scalar_type()) {
-      case at::kFloat: run_cpu<float, float>(p, with_grad, tokens_out, logp_out, grad_out); break;
-      case at::kBFloat16: run_cpu<at::BFloat16, float>(p, with_grad, tokens_out, logp_out, grad_out); break;
-      case at::kHalf: run_cpu<at::Half, float>(p, with_grad, tokens_out, logp_out, grad_out); break;
-      case at::kDouble: run_cpu<double, double>(p, with_grad, tokens_out, logp_out, grad_out); break;
-      default: LS_CHECK(false, op, ": unsupported dtype ", hidden.scalar_type());
-    }
+// The device part of the entry points (latentseek/entry.h).
+struct CpuDevice {
+  static void check(const char* op, const LmHeadProblem& p) {
+    LS_CHECK(p.hidden.device().is_cpu(), op, ": the CPU kernel got hidden on ", p.hidden.device());
+    check_token_range(op, p);
   }
-  std::vector<int64_t> grad_shape = p.lead;
-  grad_shape.push_back(p.H);
-  return {tokens_out.view(p.lead), logp_out.view(p.lead),
-          with_grad ? grad_out.view(grad_shape) : grad_out.view({0})};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_policy_grad_cpu(const at::Tensor& hidden,
-                                                                       const at::Tensor& weight,
-                                                                       const c10::optional<at::Tensor>& reward,
-                                                                       const c10::optional<at::Tensor>& tokens,
-                                                                       const c10::optional<at::Tensor>& bias) {
-  return lm_head_cpu("lm_head_policy_grad", hidden, weight, reward, tokens, bias, /*with_grad=*/true);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lm_head_logprob_cpu(const at::Tensor& hidden, const at::Tensor& weight,
-                                                                   const c10::optional<at::Tensor>& tokens,
-                                                                   const c10::optional<at::Tensor>& bias,
-                                                                   bool with_grad) {
-  // d logp / d hidden is the policy gradient with reward -1.
-  auto minus_one = at::full({}, -1.0, hidden.options().dtype(acc_dtype(hidden.scalar_type())));
-  auto [x, logp, dlogp] = lm_head_cpu("lm_head_logprob", hidden, weight, minus_one, tokens, bias, with_grad);
-  return {logp, x, dlogp};
-}
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+  template <typename scalar_t, typename acc_t>
+  static void run(const LmHeadProblem& p, LmHeadOutputs& out) {
+    LmHeadProblem q = p;  // run_cpu reads one reward per row, with the scale folded in
+    q.reward = reward_per_row(p);
+    q.reward_scale = 1;
+    run_cpu<scalar_t, acc_t>(q, out.with_grad, out.tokens, out.logp, out.grad);
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(latentseek_ext, CPU, m) {
-  m.impl("lm_head_policy_grad", &lm_head_policy_grad_cpu);
-  m.impl("lm_head_logprob", &lm_head_logprob_cpu);
+  m.impl("lm_head_policy_grad", &lm_head_policy_grad_entry<CpuDevice>);
+  m.impl("lm_head_logprob", &lm_head_logprob_entry<CpuDevice>);
 }
 
 }  // namespace latentseek

@@ -25,13 +25,14 @@ inline bool supported_float(at::ScalarType t) {
 // gradcheck in double precision is meaningful).
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The validated, flattened view of one call: hidden as [N, H], per-row reward / tokens as [N] (or undefined).
+// The validated, flattened view of one call: hidden as [N, H], reward and tokens per row (or undefined).
 struct LmHeadProblem {
   at::Tensor hidden;   // [N, H], stride(-1) == 1
   at::Tensor weight;   // [V, H], contiguous
   at::Tensor bias;     // [V] contiguous, or undefined
-  at::Tensor reward;   // [N] in the accumulation dtype, or undefined (reward 1; or not used)
-  at::Tensor tokens;   // [N] int64 contiguous, or undefined (argmax)
+  at::Tensor reward;   // [N] contiguous or 0-d (one for every row), in the accumulation dtype; or undefined (1)
+  double reward_scale = 1;  // multiplies reward: a float reward passed as a number, -1 for lm_head_logprob
+  at::Tensor tokens;   // [N] int64 contiguous, or undefined (argmax); its range is checked by check_token_range
   std::vector<int64_t> lead;  // hidden.shape[:-1]
   int64_t N = 0, H = 0, V = 0;
 };
@@ -84,7 +85,9 @@ inline LmHeadProblem check_lm_head_inputs(const char* op, const at::Tensor& hidd
              r.device());
     LS_CHECK(r.dim() == 0 || r.sizes() == lead, op, ": reward must be a scalar or have shape hidden.shape[:-1] = ",
              shape_str(lead), ", got shape ", shape_str(r.sizes()));
-    p.reward = r.to(acc_dtype(hidden.scalar_type())).expand(lead).reshape({p.N}).contiguous();
+    // A 0-d reward stays 0-d: the kernels read it for every row, so no per-call expand-and-copy.
+    p.reward = r.to(acc_dtype(hidden.scalar_type()));
+    if (p.reward.dim() > 0) p.reward = p.reward.reshape({p.N}).contiguous();
   }
 
   if (tokens.has_value() && tokens->defined()) {
@@ -95,15 +98,29 @@ inline LmHeadProblem check_lm_head_inputs(const char* op, const at::Tensor& hidd
     LS_CHECK(t.sizes() == lead, op, ": tokens must have shape hidden.shape[:-1] = ", shape_str(lead),
              ", got shape ", shape_str(t.sizes()));
     p.tokens = t.reshape({p.N}).contiguous();
-    if (p.N > 0) {
-      // One host read of the extremes (a device sync on CUDA): an out-of-range token would read outside W.
-      auto mm = at::aminmax(p.tokens);
-      const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
-      LS_CHECK(lo >= 0 && hi < p.V, op, ": tokens must lie in [0, V) = [0, ", p.V, "), got values in [", lo, ", ",
-               hi, "]");
-    }
   }
   return p;
+}
+
+// The range of the given tokens, read on the host: free on the CPU, a device sync elsewhere (the CUDA kernels check
+// each token on the device instead, csrc/cuda/common.cuh). An out-of-range token would read outside W.
+inline void check_token_range(const char* op, const LmHeadProblem& p) {
+  if (!p.tokens.defined() || p.N == 0) return;
+  auto mm = at::aminmax(p.tokens);
+  const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
+  LS_CHECK(lo >= 0 && hi < p.V, op, ": tokens must lie in [0, V) = [0, ", p.V, "), got values in [", lo, ", ", hi,
+           "]");
+}
+
+// reward_scale * reward, one value per row ([N] contiguous), for kernels that read reward[n]; undefined when every
+// row's factor is 1.
+inline at::Tensor reward_per_row(const LmHeadProblem& p) {
+  if (!p.reward.defined()) {
+    if (p.reward_scale == 1) return at::Tensor();
+    return at::full({p.N}, p.reward_scale, p.hidden.options().dtype(acc_dtype(p.hidden.scalar_type())));
+  }
+  at::Tensor r = p.reward_scale == 1 ? p.reward : p.reward * p.reward_scale;
+  return r.expand({p.N}).contiguous();
 }
 
 }  // namespace latentseek

@@ -1,0 +1,89 @@
+// The entry points of the ops, written once for every device: the shared checks, the outputs, the dtype switch, the
+// reshape to the leading dims and lm_head_logprob as the policy gradient with reward -1.
+// A device contributes a class (CpuDevice in csrc/cpu, CudaDevice in csrc/cuda) with
+//   static void check(const char* op, const LmHeadProblem& p);  // its own checks, after the shared ones
+//   struct Guard { explicit Guard(const at::Tensor& hidden); };  // held for the call (e.g. the CUDA device guard)
+//   template <typename scalar_t, typename acc_t>
+//   static void run(const LmHeadProblem& p, LmHeadOutputs& out);  // fills out; called only when N > 0
+// and registers lm_head_policy_grad_entry<Device> and friends in its TORCH_LIBRARY_IMPL.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+#include "latentseek/checks.h"
+
+namespace latentseek {
+
+using LmHeadResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// The flat outputs a device's run<>() fills.
+struct LmHeadOutputs {
+  at::Tensor tokens;  // [N] int64
+  at::Tensor logp;    // [N], accumulation dtype
+  at::Tensor grad;    // [N, H] in the accumulation dtype with the gradient, else [0, 0]
+  bool with_grad;
+};
+
+// (tokens, logp, grad) with grad = -reward_scale * reward * d logp / d hidden, or an empty [0] grad without it.
+template <typename Device>
+LmHeadResult lm_head_entry(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& reward, const c10::optional<at::Tensor>& tokens,
+                           const c10::optional<at::Tensor>& bias, double reward_scale, bool with_grad) {
+  // The op is a leaf of autograd (lm_head_logprob's backward is registered in Python), but the dispatcher runs the
+  // kernel below the autograd key with grad mode as the caller left it. Nothing in here may record a graph: the
+  // out= products refuse inputs that require grad, and worker threads (at::parallel_for) do not see this thread's
+  // grad mode, hence detached inputs as well as the guard.
+  const at::NoGradGuard no_grad;
+  const auto detached = [](const c10::optional<at::Tensor>& t) {
+    return t.has_value() ? c10::optional<at::Tensor>(t->detach()) : c10::optional<at::Tensor>();
+  };
+  // The shared checks name the argument on the wrong device; they run before the device's own checks so that every
+  // device gives the same message for the same mistake.
+  LmHeadProblem p =
+      check_lm_head_inputs(op, hidden.detach(), weight.detach(), detached(reward), detached(tokens), detached(bias));
+  p.reward_scale = reward_scale;
+  Device::check(op, p);
+  const typename Device::Guard guard(hidden);
+
+  const auto acc = acc_dtype(hidden.scalar_type());
+  LmHeadOutputs out{at::empty({p.N}, hidden.options().dtype(at::kLong)),
+                    at::empty({p.N}, hidden.options().dtype(acc)),
+                    at::empty({with_grad ? p.N : 0, with_grad ? p.H : 0}, hidden.options().dtype(acc)), with_grad};
+  if (p.N > 0) {
+    switch (hidden.scalar_type()) {
+      case at::kBFloat16: Device::template run<at::BFloat16, float>(p, out); break;
+      case at::kHalf: Device::template run<at::Half, float>(p, out); break;
+      case at::kFloat: Device::template run<float, float>(p, out); break;
+      case at::kDouble: Device::template run<double, double>(p, out); break;
+      default: LS_CHECK(false, op, ": unsupported dtype ", hidden.scalar_type());
+    }
+  }
+  std::vector<int64_t> grad_shape = p.lead;
+  grad_shape.push_back(p.H);
+  return {out.tokens.view(p.lead), out.logp.view(p.lead), with_grad ? out.grad.view(grad_shape) : out.grad.view({0})};
+}
+
+// lm_head_policy_grad(hidden, weight, reward=None, tokens=None, bias=None)
+template <typename Device>
+LmHeadResult lm_head_policy_grad_entry(const at::Tensor& hidden, const at::Tensor& weight,
+                                       const c10::optional<at::Tensor>& reward,
+                                       const c10::optional<at::Tensor>& tokens,
+                                       const c10::optional<at::Tensor>& bias) {
+  return lm_head_entry<Device>("lm_head_policy_grad", hidden, weight, reward, tokens, bias, 1.0, /*with_grad=*/true);
+}
+
+// lm_head_logprob(hidden, weight, tokens=None, bias=None, with_grad=True) -> (logp, tokens, dlogp_dhidden):
+// d logp / d hidden is the policy gradient with reward -1.
+template <typename Device>
+LmHeadResult lm_head_logprob_entry(const at::Tensor& hidden, const at::Tensor& weight,
+                                   const c10::optional<at::Tensor>& tokens, const c10::optional<at::Tensor>& bias,
+                                   bool with_grad) {
+  auto [x, logp, dlogp] =
+      lm_head_entry<Device>("lm_head_logprob", hidden, weight, c10::nullopt, tokens, bias, -1.0, with_grad);
+  return {logp, x, dlogp};  // the schema's order: logp leads
+}
+
+}  // namespace latentseek
