@@ -17,10 +17,10 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from latentseek.eval.data import Problem
-from latentseek.eval.runs import init_distributed, run_eval
+from latentseek.eval.record import Record
+from latentseek.eval.runner import init_distributed, run_eval
 
 
 def make_problems(n: int) -> list[Problem]:
@@ -30,14 +30,20 @@ def make_problems(n: int) -> list[Problem]:
 
 
 class FakeMethod:
-    """Answers problem i wrongly when i % 3 == 0, takes i % 4 iterations with rising rewards, sleeps `sleep` each."""
+    (
+        """Answers problem i wrongly when i % 3 == 0, takes i % 4 iterations with rising rewards, sleeps `sleep` each.
+
+    Each record notes the torchrun rank that made it in ``extras["rank"]``.
+    """
+        ""
+    )
 
     def __init__(self, sleep: float = 0.0, hang_from: int | None = None) -> None:
         self.sleep = sleep
         self.hang_from = hang_from
         self.solved: list[str] = []
 
-    def solve_batch(self, problems: Sequence[Problem]) -> list[dict[str, Any]]:
+    def solve_batch(self, problems: Sequence[Problem]) -> list[Record]:
         records = []
         for problem in problems:
             i = int(problem.id[1:])
@@ -49,15 +55,16 @@ class FakeMethod:
             iterations = i % 4
             prediction = "0" if i % 3 == 0 else problem.gold
             records.append(
-                {
-                    "prediction": prediction,
-                    "correct": prediction == problem.gold,
-                    "tokens": 10 * (i + 1),
-                    "seconds": 0.5 + i / 50,
-                    "iterations": iterations,
-                    "rewards": [-1.0 + 0.25 * k for k in range(iterations + 1)],
-                    "rank": int(os.environ.get("RANK", "0")),
-                }
+                Record(
+                    prediction=prediction,
+                    correct=prediction == problem.gold,
+                    response=f"The answer is {prediction}.",
+                    tokens=10 * (i + 1),
+                    seconds=0.5 + i / 50,
+                    iterations=iterations,
+                    rewards=[-1.0 + 0.25 * k for k in range(iterations + 1)],
+                    extras={"rank": int(os.environ.get("RANK", "0"))},
+                )
             )
             self.solved.append(problem.id)
         return records

@@ -10,8 +10,11 @@ import pytest
 
 from fake_method_run import FakeMethod, make_problems
 from latentseek.eval.cli import main
+from latentseek.eval.methods import make_method, run_config
+from latentseek.eval.record import LatentSeekRecord
 from latentseek.eval.report import ACCURACY_PLOT, REPORT_FILE
-from latentseek.eval.runs import load_run, run_eval
+from latentseek.eval.runner import run_eval
+from latentseek.eval.storage import CONFIG_FILE, config_fingerprint, load_run
 
 
 def test_report_subcommand_prints_the_table_and_writes_files(tmp_path, capsys):
@@ -52,14 +55,19 @@ def tiny(monkeypatch):
 
     tok = tiny_tokenizer()
     model = tiny_model("qwen2", vocab_size=len(tok))
-    calls = []
+    calls = Calls()
 
     def fake_load(path, gguf_file=None, dtype=None, device="cpu"):
         calls.append((path, gguf_file, dtype, device))
         return model, tok
 
     monkeypatch.setattr(cli, "load_model", fake_load)
+    calls.model, calls.tokenizer = model, tok
     return calls
+
+
+class Calls(list):
+    """The load_model calls, and the model and tokenizer it hands out."""
 
 
 @pytest.fixture
@@ -91,7 +99,7 @@ def test_eval_writes_a_run_resumes_it_and_refuses_another_config(tmp_path, datas
     assert solved == [["q0", "q1"]]
     assert "cot on" in capsys.readouterr().out
     run = load_run(out)
-    assert [r["id"] for r in run.records] == ["q0", "q1"]
+    assert [r.id for r in run.records] == ["q0", "q1"]
     assert run.config["method"] == "cot" and run.config["dtype"] == "fp32"
     assert run.config["knobs"] == {"prompt": "boxed", "max_new_tokens": 6}
     assert run.config["dataset"]["source"] == str(dataset)
@@ -108,7 +116,7 @@ def test_eval_writes_a_run_resumes_it_and_refuses_another_config(tmp_path, datas
     assert len(solved) == 2
     assert main([*changed, "--force", "--limit", "1"]) == 0
     assert load_run(out).config["knobs"]["max_new_tokens"] == 7
-    assert [r["id"] for r in load_run(out).records] == ["q0"]
+    assert [r.id for r in load_run(out).records] == ["q0"]
 
 
 def test_eval_latentseek_records_its_knobs(tmp_path, dataset, tiny, capsys):
@@ -121,7 +129,7 @@ def test_eval_latentseek_records_its_knobs(tmp_path, dataset, tiny, capsys):
     assert run.config["method"] == "latentseek-oracle"
     knobs = run.config["knobs"]
     assert (knobs["rho"], knobs["max_steps"], knobs["keep_best"], knobs["prompt"]) == (0.5, 2, True, "json")
-    assert all("initial_correct" in r for r in run.records)
+    assert all(isinstance(r.record, LatentSeekRecord) for r in run.records)
 
 
 def test_eval_refuses_knobs_the_method_does_not_use_before_loading(tmp_path, dataset, tiny, capsys):
@@ -143,3 +151,47 @@ def test_solve_streams_every_answer_and_reward(tiny, capsys):
 def test_solve_with_the_oracle_needs_a_gold_answer(tiny, capsys):
     assert main(["solve", "--model", "tiny", "--reward", "oracle", "what is 2 + 3 ?"]) == 2
     assert "--gold" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "method, flags, knobs",
+    [
+        ("cot", ["--max-new-tokens", "6"], {"max_new_tokens": 6}),
+        (
+            "latentseek",
+            ["--reward", "oracle", "--max-steps", "1", "--max-new-tokens", "6", "--keep-best", "--rho", "0.5"],
+            {"reward": "oracle", "max_steps": 1, "max_new_tokens": 6, "keep_best": True, "rho": 0.5},
+        ),
+    ],
+)
+def test_a_python_caller_gets_the_config_the_cli_writes(tmp_path, dataset, tiny, method, flags, knobs):
+    out = tmp_path / "cli"
+    extra = ["--method", method, *flags, "--question-field", "question", "--limit", "1"]
+    assert main(_eval_args(dataset, out, *extra)) == 0
+    written = json.loads((out / CONFIG_FILE).read_text())
+
+    python = make_method(method, tiny.model, tiny.tokenizer, **knobs)
+    config = run_config(python, model="tiny", dataset=str(dataset), question_field="question")
+    assert config == written["config"]
+    assert config_fingerprint(config) == written["fingerprint"]
+    summary = run_eval(python, [], out, config, progress=False)  # the same run: accepted, nothing to do
+    assert summary.done == 0 and load_run(out).config == written["config"]
+
+
+def test_help_shows_each_knob_with_the_defaults_of_its_methods(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help at the terminal's width, splitting "self-consistency"
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--n-candidates N_CANDIDATES candidates (bon) / samples (self-consistency); default bon 3, " in text
+    assert "self-consistency 5" in text
+    assert "--temperature TEMPERATURE sampling temperature; default 0.7 (bon, self-consistency)" in text
+    assert "--prompt {boxed,json} solver prompt style; default boxed " in text
+    assert "--keep-best return the best-rewarded answer, not the last; default off (latentseek)" in text
+    assert "--impl {auto,ext,reference}" in text and "--grad-clip GRAD_CLIP" in text
+    with pytest.raises(SystemExit):
+        main(["solve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--rho RHO fraction of the answer's latents optimised; default 0.2 " in text
+    assert "--reward {self,oracle} self-verification or the gold answer; default self " in text
+    assert "--n-candidates" not in text

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import pytest
 
+import latentseek_ext
 from latentseek.chat import build_prompt_ids
+from latentseek.config import LatentSeekConfig
+from latentseek.errors import ConfigError
 from latentseek.eval.data import Problem
 from latentseek.eval.judge import answers_match, extract_answer
 from latentseek.eval.methods import (
+    KNOB_HELP,
+    METHODS,
+    REWARDS,
     BestOfN,
     CoT,
     LatentSeekMethod,
     SelfConsistency,
     check_knobs,
+    knob_table,
     majority_vote,
     make_method,
 )
-from latentseek.eval.prompts import solver_messages
-from latentseek.eval.runs import validate_record
+from latentseek.eval.prompts import PROMPT_STYLES, solver_messages
+from latentseek.eval.record import BestOfNRecord, LatentSeekRecord, Record, SelfConsistencyRecord
 from latentseek.generation import generate
 from latentseek.model import ModelAdapter
 from latentseek.rewards import Score
@@ -58,35 +66,42 @@ class Listed:
 
 def check_records(records, problems, iterations=None):
     assert len(records) == len(problems)
-    for record, problem in zip(records, problems, strict=True):
-        validate_record(record, problem)
-        assert record["tokens"] > 0 and record["seconds"] > 0
+    for record in records:
+        assert isinstance(record, Record)
+        assert record.tokens > 0 and record.seconds > 0
         if iterations is not None:
-            assert record["iterations"] == iterations
+            assert record.iterations == iterations
 
 
 # --- every method -------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "name, knobs, iterations",
+    "name, knobs, iterations, kind",
     [
-        ("cot", {}, 0),
-        ("bon", {"verifier_max_new_tokens": 3, "n_candidates": 2}, 0),
-        ("self-consistency", {"n_candidates": 3}, 0),
-        ("latentseek", {"reward": "oracle", "max_steps": 2, "rho": 1.0}, None),
-        ("latentseek", {"reward": "self", "max_steps": 1, "rho": 1.0, "verifier_max_new_tokens": 3}, None),
+        ("cot", {}, 0, Record),
+        ("bon", {"verifier_max_new_tokens": 3, "n_candidates": 2}, 0, BestOfNRecord),
+        ("self-consistency", {"n_candidates": 3}, 0, SelfConsistencyRecord),
+        ("latentseek", {"reward": "oracle", "max_steps": 2, "rho": 1.0}, None, LatentSeekRecord),
+        (
+            "latentseek",
+            {"reward": "self", "max_steps": 1, "rho": 1.0, "verifier_max_new_tokens": 3},
+            None,
+            LatentSeekRecord,
+        ),
     ],
     ids=["cot", "bon-self", "sc", "latentseek-oracle", "latentseek-self"],
 )
-def test_every_method_writes_valid_records(model, tok, problems, name, knobs, iterations):
+def test_every_method_writes_valid_records(model, tok, problems, name, knobs, iterations, kind):
     method = make_method(name, model, tok, max_new_tokens=MAX_NEW, **knobs)
     records = method.solve_batch(problems)
     check_records(records, problems, iterations)
     for record in records:
-        if "response" in record and name != "self-consistency":
-            assert record["prediction"] == extract_answer(record["response"])
-            assert record["correct"] == answers_match(record["response"], "5")
+        assert type(record) is kind
+        assert Record.from_json(record.to_json()) == record  # reads back as the class that wrote it
+        if name != "self-consistency":
+            assert record.prediction == extract_answer(record.response)
+            assert record.correct == answers_match(record.response, "5")
 
 
 def test_cot_is_the_greedy_answer_of_the_solver_prompt_and_counts_its_tokens(model, tok, problems):
@@ -94,21 +109,21 @@ def test_cot_is_the_greedy_answer_of_the_solver_prompt_and_counts_its_tokens(mod
     for record, problem in zip(records, problems, strict=True):
         ids = build_prompt_ids(tok, solver_messages(problem.question, "json", "number"))
         (tokens,) = generate(model, tok, [ids], MAX_NEW).tokens
-        assert record["response"] == tok.decode(tokens, skip_special_tokens=True)
-        assert record["tokens"] == len(tokens)
-        assert record["rewards"] == [] and record["iterations"] == 0
+        assert record.response == tok.decode(tokens, skip_special_tokens=True)
+        assert record.tokens == len(tokens)
+        assert record.rewards == [] and record.iterations == 0
 
 
 def test_self_reward_methods_count_the_verifier_tokens(model, tok, problems):
     bon = make_method("bon", model, tok, max_new_tokens=MAX_NEW, n_candidates=2, verifier_max_new_tokens=3)
     for record in bon.solve_batch(problems):
         # 2 candidates x 4 checks, each verifier response 1..3 tokens
-        assert 8 <= record["verifier_tokens"] <= 24
-        assert record["tokens"] > record["verifier_tokens"]
+        assert 8 <= record.verifier_tokens <= 24
+        assert record.tokens > record.verifier_tokens
     seek = make_method("latentseek", model, tok, max_new_tokens=MAX_NEW, reward="self", verifier_max_new_tokens=3)
     for record in seek.solve_batch(problems):
-        assert record["verifier_tokens"] >= 4 * len(record["rewards"])
-        assert record["tokens"] == record["generated_tokens"] + record["verifier_tokens"]
+        assert record.verifier_tokens >= 4 * len(record.rewards)
+        assert record.tokens == record.generated_tokens + record.verifier_tokens
 
 
 # --- best of N ------------------------------------------------------------------------------------------------------
@@ -119,16 +134,16 @@ def test_bon_picks_the_best_reward_and_the_earliest_among_equals(model, tok, pro
     reward = Listed([-1, 0, 0, -0.5, -0.5, -1, -1, -1, -0.25])
     method = BestOfN(model, tok, reward=reward, n_candidates=3, max_new_tokens=MAX_NEW, seed=3)
     records = method.solve_batch(problems)
-    assert [r["chosen"] for r in records] == [1, 0, 2]
-    assert [r["rewards"] for r in records] == [[0.0], [-0.5], [-0.25]]
-    assert records[0]["candidate_rewards"] == [-1.0, 0.0, 0.0]
+    assert [r.chosen for r in records] == [1, 0, 2]
+    assert [r.rewards for r in records] == [[0.0], [-0.5], [-0.25]]
+    assert records[0].candidate_rewards == [-1.0, 0.0, 0.0]
     ((questions, answers, golds),) = reward.calls
     assert len(answers) == 9 and golds == ["5"] * 9
     assert questions[0] == solver_messages(problems[0].question, "boxed", "number")[0]["content"]
-    assert [answers[3 * i + r["chosen"]] for i, r in enumerate(records)] == [r["response"] for r in records]
+    assert [answers[3 * i + r.chosen] for i, r in enumerate(records)] == [r.response for r in records]
     # candidate 0 is the greedy CoT answer
     cot = CoT(model, tok, max_new_tokens=MAX_NEW).solve_batch(problems)
-    assert [answers[3 * i] for i in range(3)] == [r["response"] for r in cot]
+    assert [answers[3 * i] for i in range(3)] == [r.response for r in cot]
     check_records(records, problems, 0)
 
 
@@ -166,20 +181,20 @@ def test_majority_vote(answers, winner, votes):
 def test_self_consistency_answers_the_majority(model, tok, problems, monkeypatch):
     texts = {"p0": ["so 4", "so 5", "the answer is 5", "no"], "p1": ["7", "8", "8", "7"], "p2": ["x", "y", "z", "x"]}
 
-    def fake_sample(self, batch, n, seed, temperature, top_p, first):
-        assert (n, first) == (4, 0)
+    def fake_sample(self, batch, first):
+        assert (self.settings.n_candidates, first) == (4, 0)
         return [[tok.encode(t, add_special_tokens=False) for t in texts[p.id]] for p in batch]
 
     monkeypatch.setattr(SelfConsistency, "_sample", fake_sample)
     records = SelfConsistency(model, tok, n_candidates=4).solve_batch(problems)
-    assert [(r["prediction"], r["votes"], r["correct"]) for r in records] == [
+    assert [(r.prediction, r.votes, r.correct) for r in records] == [
         ("5", 2, True),
         ("7", 2, False),
         (None, 0, False),
     ]
-    assert records[0]["response"] == "so 5"
-    assert records[0]["answers"] == ["4", "5", "5", None]
-    assert records[1]["tokens"] == 4
+    assert records[0].response == "so 5"
+    assert records[0].answers == ["4", "5", "5", None]
+    assert records[1].tokens == 4
     check_records(records, problems, 0)
 
 
@@ -192,11 +207,11 @@ def test_latentseek_records_the_search(model, tok, problems):
     records = method.solve_batch(problems)
     check_records(records, problems, 2)
     for record in records:
-        assert record["rewards"] == [-1.0, -1.0, -0.1]
-        assert record["final_index"] == 2 and record["solved"]
-        assert record["verifier_tokens"] == 0 and record["tokens"] == record["generated_tokens"]
-        assert record["initial_correct"] == answers_match(record["initial_response"], "5")
-        assert record["initial_prediction"] == extract_answer(record["initial_response"])
+        assert record.rewards == [-1.0, -1.0, -0.1]
+        assert record.final_index == 2 and record.solved
+        assert record.verifier_tokens == 0 and record.tokens == record.generated_tokens
+        assert record.initial_correct == answers_match(record.initial_response, "5")
+        assert record.initial_prediction == extract_answer(record.initial_response)
     assert method.name == "latentseek-custom"
 
 
@@ -205,23 +220,21 @@ def test_latentseek_correct_is_the_judges_verdict_not_the_reward(model, tok, pro
     problems = [Problem(id=p.id, question=p.question, gold="98765", answer_kind="number") for p in problems]
     method = LatentSeekMethod(model, tok, reward=Listed([0.0] * 3), config=_config())
     records = method.solve_batch(problems)
-    assert [r["iterations"] for r in records] == [0, 0, 0]
-    assert [r["rewards"] for r in records] == [[0.0]] * 3
-    assert not any(r["correct"] for r in records)
+    assert [r.iterations for r in records] == [0, 0, 0]
+    assert [r.rewards for r in records] == [[0.0]] * 3
+    assert not any(r.correct for r in records)
 
 
 def test_latentseek_oracle_searches_until_the_judge_accepts(model, tok, problems):
     method = make_method("latentseek", model, tok, reward="oracle", max_new_tokens=MAX_NEW, max_steps=3, rho=1.0)
     records = method.solve_batch(problems)
     for record in records:
-        assert record["rewards"][-1] == (0.0 if record["correct"] else -1.0)
-        assert record["iterations"] == (len(record["rewards"]) - 1)
-        assert record["correct"] or record["iterations"] == 3
+        assert record.rewards[-1] == (0.0 if record.correct else -1.0)
+        assert record.iterations == (len(record.rewards) - 1)
+        assert record.correct or record.iterations == 3
 
 
 def _config(**kw):
-    from latentseek.config import LatentSeekConfig
-
     return LatentSeekConfig(**{"max_new_tokens": MAX_NEW, **kw})
 
 
@@ -243,6 +256,40 @@ def test_make_method_knobs_and_names(model, tok):
     seek = make_method("latentseek", model, tok, reward="oracle", rho=0.5, prompt="json")
     assert seek.name == "latentseek-oracle"
     assert seek.knobs["rho"] == 0.5 and seek.knobs["prompt"] == "json" and "verifier_max_new_tokens" not in seek.knobs
+    custom = LatentSeekMethod(model, tok, reward=Listed([]), config=_config(rho=0.5))
+    assert custom.knobs == {
+        "prompt": "boxed",
+        "reward": "custom",
+        **dataclasses.asdict(_config(rho=0.5)),
+    }
+
+
+def test_the_knob_table_is_the_settings_classes():
+    knobs = {k.name: k for k in knob_table()}
+    assert list(knobs)[:2] == ["prompt", "max_new_tokens"]
+    assert set(knobs) == set(KNOB_HELP)  # every knob has its help line, and no help line is stale
+    assert knobs["prompt"].defaults == dict.fromkeys(METHODS, "boxed") and knobs["prompt"].choices == PROMPT_STYLES
+    assert knobs["max_new_tokens"].defaults == dict.fromkeys(METHODS, LatentSeekConfig().max_new_tokens)
+    assert knobs["n_candidates"].defaults == {"bon": 3, "self-consistency": 5}
+    assert knobs["reward"].choices == REWARDS and knobs["reward"].defaults == {"bon": "self", "latentseek": "self"}
+    assert knobs["impl"].choices == latentseek_ext.IMPLS and knobs["impl"].flag == "--impl"
+    assert (knobs["keep_best"].type, knobs["grad_clip"].type, knobs["top_p"].flag) == (bool, float, "--top-p")
+    for field in dataclasses.fields(LatentSeekConfig):
+        assert knobs[field.name].defaults["latentseek"] == getattr(LatentSeekConfig(), field.name)
+    assert [k.name for k in knob_table(["cot"])] == ["prompt", "max_new_tokens"]
+
+
+def test_knobs_are_checked_before_the_model_is_touched(tok):
+    with pytest.raises(ConfigError, match="max_new_tokens must be >= 1, got 0"):
+        make_method("cot", None, tok, max_new_tokens=0)
+    with pytest.raises(ConfigError, match="n_candidates must be >= 1"):
+        BestOfN(None, tok, n_candidates=0)
+    with pytest.raises(ConfigError, match=r"prompt must be one of \('boxed', 'json'\), got 'latex'"):
+        check_knobs("latentseek", {"prompt": "latex"})
+    with pytest.raises(ConfigError, match="verifier_max_new_tokens must be >= 1"):
+        check_knobs("bon", {"verifier_max_new_tokens": 0})
+    with pytest.raises(ConfigError, match="seed must be int, got 1.5"):
+        check_knobs("self-consistency", {"seed": 1.5})
 
 
 @pytest.mark.parametrize(

@@ -1,22 +1,29 @@
 """Reports: the Markdown table's numbers equal what the JSONL holds, and the plots are written."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from fake_method_run import FakeMethod, make_problems
+from latentseek.errors import RunError
+from latentseek.eval.record import LatentSeekRecord, Record, StoredRecord
 from latentseek.eval.report import (
     ACCURACY_PLOT,
     ITERATIONS_PLOT,
     REPORT_FILE,
     REWARD_PLOT,
+    RunStats,
     default_report_dir,
     markdown_table,
     mean_reward_by_iteration,
     report,
 )
-from latentseek.eval.runs import RESULTS_FILE, SHARD_DIR, RecordWriter, RunError, load_run, run_eval
+from latentseek.eval.runner import run_eval
+from latentseek.eval.storage import RESULTS_FILE, SHARD_DIR, RecordWriter, load_run
+
+COMMITTED_RUNS = Path(__file__).resolve().parent.parent / "runs"
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -26,7 +33,7 @@ class NoRewardMethod(FakeMethod):
 
     def solve_batch(self, problems):
         return [
-            {**r, "prediction": p.gold, "correct": True, "iterations": 0, "rewards": []}
+            dataclasses.replace(r, prediction=p.gold, correct=True, iterations=0, rewards=[])
             for p, r in zip(problems, super().solve_batch(problems), strict=True)
         ]
 
@@ -108,7 +115,7 @@ def test_report_reads_a_run_still_in_progress(tmp_path):
     run_eval(FakeMethod(), make_problems(2), out, {"method": "latentseek"}, progress=False)
     with RecordWriter(out / SHARD_DIR / "rank1.jsonl") as writer:
         record = FakeMethod().solve_batch(make_problems(3)[2:])[0]
-        writer.append({"id": "p002", "gold": "3", **record})
+        writer.append(StoredRecord("p002", "3", record).to_json())
     (out / SHARD_DIR / "rank1.jsonl").open("ab").write(b'{"id": "p00')  # a line being written right now
     rows = table_rows(report([out], tmp_path / "r").markdown)
     assert rows["run"][:2] == ["latentseek", "3"]
@@ -139,9 +146,40 @@ def test_markdown_table_header():
 def test_initial_accuracy_of_runs_that_record_it(tmp_path):
     class WithInitial(FakeMethod):
         def solve_batch(self, problems):
-            records = super().solve_batch(problems)
-            return [{**r, "initial_correct": p.id in ("p001", "p004")} for p, r in zip(problems, records, strict=True)]
+            return [
+                LatentSeekRecord(
+                    **{f.name: getattr(r, f.name) for f in dataclasses.fields(Record)},
+                    initial_prediction=None,
+                    initial_correct=p.id in ("p001", "p004"),
+                    initial_response="",
+                    final_index=r.iterations,
+                    update_length=3,
+                    solved=r.correct,
+                    generated_tokens=r.tokens,
+                    verifier_tokens=0,
+                )
+                for p, r in zip(problems, super().solve_batch(problems), strict=True)
+            ]
 
     out = tmp_path / "ls"
     run_eval(WithInitial(), make_problems(5), out, {"method": "latentseek-self"}, progress=False)
     assert table_rows(report([out], tmp_path / "r").markdown)["ls"][-1] == "40.0% (2/5)"
+
+
+def test_committed_runs_load_and_give_the_committed_report_table():
+    # runs/ holds results written before the records were typed: they read back typed, to the same table
+    committed = (COMMITTED_RUNS / "gsm8k30-report" / REPORT_FILE).read_text()
+    names = list(table_rows(committed))
+    runs = [load_run(COMMITTED_RUNS / name) for name in names]
+    assert markdown_table([RunStats.of(run) for run in runs]) in committed
+    kinds = {run.path.name: {type(r.record).__name__ for r in run.records} for run in runs}
+    assert kinds == {
+        "gsm8k30-cot": {"Record"},
+        "gsm8k30-latentseek-oracle": {"LatentSeekRecord"},
+        "gsm8k30-latentseek-self": {"LatentSeekRecord"},
+        "gsm8k30-bon-self": {"BestOfNRecord"},
+        "gsm8k30-self-consistency": {"SelfConsistencyRecord"},
+    }
+    for run in runs:  # a record writes back the line it was read from
+        lines = (run.path / RESULTS_FILE).read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line) for line in lines] == [r.to_json() for r in run.records]

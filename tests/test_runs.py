@@ -1,4 +1,4 @@
-"""The run store and runner: records, resume, config refusal, torn lines, SIGKILL / Ctrl-C, torchrun sharding."""
+"""Run storage and the runner: records, resume, config refusal, torn lines, SIGKILL / Ctrl-C, torchrun sharding."""
 
 import fcntl
 import json
@@ -9,20 +9,22 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fake_method_run import FakeMethod, make_problems
-from latentseek.eval.runs import (
+from latentseek.errors import RunError
+from latentseek.eval.record import StoredRecord
+from latentseek.eval.runner import run_eval
+from latentseek.eval.storage import (
     CONFIG_FILE,
     LOCK_FILE,
-    RECORD_FIELDS,
     RESULTS_FILE,
     SHARD_DIR,
     SUPERSEDED_DIR,
     ConfigMismatchError,
     RecordWriter,
-    RunError,
     config_differences,
     config_fingerprint,
     load_records,
@@ -30,7 +32,6 @@ from latentseek.eval.runs import (
     merge_shards,
     read_jsonl,
     repair_jsonl,
-    run_eval,
 )
 
 WORKER = Path(__file__).with_name("fake_method_run.py")
@@ -82,9 +83,10 @@ def test_run_writes_config_and_one_line_per_problem(tmp_path):
     saved = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
     assert saved["fingerprint"] == config_fingerprint(CONFIG)
     assert ids_of(tmp_path / "run" / RESULTS_FILE) == [f"p{i:03d}" for i in range(7)]
-    for record in run.records:
-        assert set(RECORD_FIELDS) | {"id", "gold", "rank"} == set(record)
-    correct = sum(r["correct"] for r in run.records)
+    fields = ["id", "gold", "prediction", "correct", "response", "tokens", "seconds", "iterations", "rewards", "rank"]
+    assert all(list(line) == fields for line in read_jsonl(tmp_path / "run" / RESULTS_FILE))
+    assert [r.record for r in run.records] == method.solve_batch(make_problems(7))  # read back as written
+    correct = sum(r.record.correct for r in run.records)
     assert (summary.total, summary.done, summary.correct, summary.interrupted) == (7, 7, correct, False)
     assert correct == 4  # p000, p003, p006 are wrong
 
@@ -145,7 +147,7 @@ def test_a_torn_last_line_is_dropped_on_read_and_cut_before_appending(tmp_path):
     results = out / RESULTS_FILE
     with results.open("ab") as f:
         f.write(b'{"id": "p003", "gold": "4", "predic')  # the process died inside this write
-    assert [r["id"] for r in load_records(out)] == ["p000", "p001", "p002"]
+    assert [r.id for r in load_records(out)] == ["p000", "p001", "p002"]
     method = FakeMethod()
     run_eval(method, make_problems(5), out, CONFIG, progress=False)
     assert method.solved == ["p003", "p004"]
@@ -177,36 +179,54 @@ def test_record_writer_appends_whole_lines(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"correct": 1}, "'correct' is int, expected bool"),
-        ({"tokens": 3.5}, "'tokens' is float"),
-        ({"rewards": [0.1, "x"]}, "list of numbers"),
-        ({"id": "other"}, "id='other'"),
-        ({"prediction": 5}, "'prediction' is int"),
+        ({"correct": 1}, "Record.correct must be bool, got 1"),
+        ({"tokens": 3.5}, "Record.tokens must be int, got 3.5"),
+        ({"rewards": [0.1, "x"]}, "Record.rewards must be a list of float"),
+        ({"extras": {"id": "other"}}, "extras may not hold 'id'"),
+        ({"extras": {"tokens": 3}}, "extras may not hold 'tokens'"),
+        ({"prediction": 5}, "Record.prediction must be str or None, got 5"),
     ],
 )
 def test_bad_records_are_refused_before_writing(tmp_path, change, message):
     class Bad(FakeMethod):
         def solve_batch(self, problems):
-            return [{**r, **change} for r in super().solve_batch(problems)]
+            return [replace(r, **change) for r in super().solve_batch(problems)]
 
     with pytest.raises(ValueError, match=message):
         run_eval(Bad(), make_problems(2), tmp_path / "run", CONFIG, progress=False)
     assert read_jsonl(tmp_path / "run" / RESULTS_FILE) == []
 
 
-def test_missing_field_and_wrong_count_are_refused(tmp_path):
-    class Missing(FakeMethod):
+def test_a_batch_with_one_bad_record_writes_none_of_it(tmp_path):
+    class PlainDict(FakeMethod):  # the second record is a dict, as methods returned before the typed record
         def solve_batch(self, problems):
-            return [{k: v for k, v in r.items() if k != "seconds"} for r in super().solve_batch(problems)]
+            records: list[Any] = super().solve_batch(problems)
+            records[-1] = records[-1].to_json()
+            return records
 
     class Short(FakeMethod):
         def solve_batch(self, problems):
             return super().solve_batch(problems)[:-1]
 
-    with pytest.raises(ValueError, match="no 'seconds' field"):
-        run_eval(Missing(), make_problems(1), tmp_path / "a", CONFIG, progress=False)
-    with pytest.raises(ValueError, match="1 records for 2 problems"):
+    with pytest.raises(TypeError, match="p001: PlainDict.solve_batch returned a dict, expected a latentseek"):
+        run_eval(PlainDict(), make_problems(2), tmp_path / "a", CONFIG, batch_size=2, progress=False)
+    assert read_jsonl(tmp_path / "a" / RESULTS_FILE) == []
+    with pytest.raises(TypeError, match="1 records for 2 problems"):
         run_eval(Short(), make_problems(2), tmp_path / "b", CONFIG, batch_size=2, progress=False)
+
+
+def test_a_line_that_breaks_the_schema_is_named_when_read(tmp_path):
+    out = tmp_path / "run"
+    run_eval(FakeMethod(), make_problems(2), out, CONFIG, progress=False)
+    with (out / RESULTS_FILE).open("a") as f:
+        f.write(json.dumps({"id": "p002", "gold": "3", "prediction": "3", "correct": "yes", "tokens": 1}) + "\n")
+    with pytest.raises(RunError, match=r"results.jsonl: the record of problem 'p002' .*has no 'seconds' field"):
+        load_records(out)
+    (out / RESULTS_FILE).write_text(
+        json.dumps({"id": "p0", "gold": "1", "prediction": "1", "correct": "yes", "tokens": 1, "seconds": 1}) + "\n"
+    )
+    with pytest.raises(RunError, match=r"Record.correct must be bool, got 'yes'"):
+        load_run(out)
 
 
 def test_a_locked_run_directory_is_refused(tmp_path):
@@ -231,8 +251,8 @@ def test_shards_left_by_a_killed_multi_process_run_are_read_and_merged(tmp_path)
     for rank, problem_ids in enumerate([["p004", "p002"], ["p003", "p004"]]):  # p004 twice: a merge cut short
         with RecordWriter(out / SHARD_DIR / f"rank{rank}.jsonl") as writer:
             for pid in problem_ids:
-                writer.append({"id": pid, "gold": str(int(pid[1:]) + 1), **extra[int(pid[1:]) - 2]})
-    assert sorted(r["id"] for r in load_records(out)) == ["p000", "p001", "p002", "p003", "p004"]
+                writer.append(StoredRecord(pid, str(int(pid[1:]) + 1), extra[int(pid[1:]) - 2]).to_json())
+    assert sorted(r.id for r in load_records(out)) == ["p000", "p001", "p002", "p003", "p004"]
     again = FakeMethod()
     summary = run_eval(again, make_problems(6), out, CONFIG, progress=False)
     assert again.solved == ["p005"] and summary.done == 6

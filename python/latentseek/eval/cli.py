@@ -10,71 +10,63 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from latentseek.eval.data import DatasetError, Problem, load_problems
-from latentseek.eval.methods import METHODS, REWARDS, LatentSeekMethod, check_knobs, make_method
-from latentseek.eval.prompts import ANSWER_KINDS, PROMPT_STYLES
+from latentseek.eval.methods import DTYPES, METHODS, LatentSeekMethod, check_knobs, knob_table, make_method, run_config
+from latentseek.eval.prompts import ANSWER_KINDS
 from latentseek.eval.report import report
-from latentseek.eval.runs import RunError, init_distributed, run_eval
+from latentseek.eval.runner import init_distributed, run_eval
+from latentseek.eval.storage import RESULTS_FILE, RunError
 from latentseek.model import load_model
-
-DTYPES = ("fp32", "bf16", "fp16")
-
-
-def _torch_dtype(name: str | None):
-    import torch
-
-    return None if name is None else {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def _dtype_name(model) -> str:
-    import torch
-
-    dtype = next(model.parameters()).dtype
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="a model directory, a .gguf file, or a hub id")
     g.add_argument("--gguf-file", default=None, help="the GGUF file inside the --model directory")
-    g.add_argument("--dtype", choices=DTYPES, default=None, help="weights dtype (default fp32 on CPU, bf16 on CUDA)")
+    g.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=None, help="weights dtype (default fp32 on CPU, bf16 on CUDA)"
+    )
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun cuda means cuda:LOCAL_RANK)")
 
 
-def _add_latentseek_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation and LatentSeek (unset: the method's defaults)")
-    g.add_argument("--prompt", choices=PROMPT_STYLES, default=None, help="solver prompt style (default boxed)")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="most tokens per answer / continuation")
-    g.add_argument("--rho", type=float, default=None, help="fraction of the answer's latents optimised")
-    g.add_argument("--lr", type=float, default=None, help="Adam learning rate on the latents")
-    g.add_argument("--max-steps", type=int, default=None, help="most optimiser steps")
-    g.add_argument("--reward-threshold", type=float, default=None, help="stop once the reward is above this")
-    g.add_argument("--start-index", type=int, default=None, help="first answer token whose latent is optimised")
-    g.add_argument("--grad-clip", type=float, default=None, help="clip each problem's gradient to this L2 norm")
-    g.add_argument("--keep-best", action="store_const", const=True, default=None, help="return the best answer")
-    g.add_argument("--impl", choices=("auto", "ext", "reference"), default=None, help="fused LM-head op")
-    g.add_argument("--verifier-max-new-tokens", type=int, default=None, help="most tokens per self-verification")
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
-_LATENTSEEK_KNOBS = (
-    "prompt",
-    "max_new_tokens",
-    "rho",
-    "lr",
-    "max_steps",
-    "reward_threshold",
-    "start_index",
-    "grad_clip",
-    "keep_best",
-    "impl",
-    "verifier_max_new_tokens",
-)
-_EVAL_KNOBS = (*_LATENTSEEK_KNOBS, "reward", "n_candidates", "temperature", "top_p", "seed")
+def _defaults_text(defaults: dict[str, Any], methods: Sequence[str]) -> str:
+    """``default 0.7 (bon, self-consistency)``, ``default bon 3, self-consistency 5``; no list for all `methods`."""
+    shown = {method: _shown(value) for method, value in defaults.items()}
+    if len(set(shown.values())) > 1:
+        return "default " + ", ".join(f"{method} {value}" for method, value in shown.items())
+    users = "" if len(shown) == len(methods) else f" ({', '.join(shown)})"
+    return f"default {next(iter(shown.values()))}{users}"
+
+
+#: The methods ``solve`` runs (their knobs are its flags).
+SOLVE_METHODS = ("latentseek",)
+
+
+def _add_knob_args(p: argparse.ArgumentParser, methods: Sequence[str]) -> None:
+    """A flag per knob of `methods` (latentseek.eval.methods.knob_table), unset (None) unless given."""
+    g = p.add_argument_group("method knobs (unset: the method's default)")
+    for knob in knob_table(methods):
+        help_text = f"{knob.help}; {_defaults_text(knob.defaults, methods)}".replace("%", "%%")
+        if knob.type is bool:
+            g.add_argument(knob.flag, action="store_const", const=True, default=None, help=help_text)
+        else:
+            g.add_argument(knob.flag, type=knob.type, choices=knob.choices, default=None, help=help_text)
+
+
+def _knobs(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, Any]:
+    return {knob.name: getattr(args, knob.name) for knob in knob_table(methods)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,10 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     solve = commands.add_parser("solve", help="LatentSeek on one question, streaming its answers and rewards")
     solve.add_argument("question", help="the question (quote it)")
     _add_model_args(solve)
-    solve.add_argument("--reward", choices=REWARDS, default="self", help="self-verification or the gold answer")
     solve.add_argument("--gold", default=None, help="the gold answer (needed by --reward oracle; judged if given)")
     solve.add_argument("--answer-kind", choices=ANSWER_KINDS, default="math", help="number: ask for a bare number")
-    _add_latentseek_args(solve)
+    _add_knob_args(solve, SOLVE_METHODS)
     solve.set_defaults(handler=_solve)
 
     ev = commands.add_parser("eval", help="a method on a data set, into a resumable run directory")
@@ -101,12 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=int, default=None, help="the first N problems (not part of the run's config)")
     m = ev.add_argument_group("method")
     m.add_argument("--method", choices=METHODS, required=True)
-    m.add_argument("--reward", choices=REWARDS, default=None, help="bon / latentseek reward (default self)")
-    m.add_argument("--n-candidates", type=int, default=None, help="bon candidates (3) / self-consistency samples (5)")
-    m.add_argument("--temperature", type=float, default=None, help="bon / self-consistency sampling (0.7)")
-    m.add_argument("--top-p", type=float, default=None, help="bon / self-consistency nucleus (0.95)")
-    m.add_argument("--seed", type=int, default=None, help="bon / self-consistency sampling seed (0)")
-    _add_latentseek_args(ev)
+    _add_knob_args(ev, METHODS)
     r = ev.add_argument_group("run")
     r.add_argument("--out", required=True, help="the run directory (runs/NAME)")
     r.add_argument("--batch-size", type=int, default=1, help="problems solved together")
@@ -123,17 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _knobs(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in names}
-
-
-def _model_id(path: str) -> str:
-    """A local model path made absolute (the run may be resumed from elsewhere); a hub id as given."""
-    return os.path.abspath(path) if os.path.exists(path) else path
-
-
 def _load(args: argparse.Namespace, device: str):
-    return load_model(args.model, gguf_file=args.gguf_file, dtype=_torch_dtype(args.dtype), device=device)
+    return load_model(
+        args.model, gguf_file=args.gguf_file, dtype=None if args.dtype is None else DTYPES[args.dtype], device=device
+    )
 
 
 def _fail(message: str) -> int:
@@ -144,9 +123,8 @@ def _fail(message: str) -> int:
 def _solve(args: argparse.Namespace) -> int:
     if args.reward == "oracle" and args.gold is None:
         return _fail("--reward oracle needs --gold")
-    knobs = {**_knobs(args, _LATENTSEEK_KNOBS), "reward": args.reward}
     try:
-        check_knobs("latentseek", knobs)
+        knobs = check_knobs("latentseek", _knobs(args, SOLVE_METHODS))
     except ValueError as e:
         return _fail(str(e))
     print(f"loading {args.model} ...", flush=True)
@@ -188,17 +166,15 @@ def _extracted(answer: str) -> str | None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    knobs = _knobs(args, _EVAL_KNOBS)
     try:
-        given = check_knobs(args.method, knobs)
-        problems = load_problems(
-            args.dataset,
-            question_field=args.question_field,
-            answer_field=args.answer_field,
-            id_field=args.id_field,
-            split=args.split,
-            limit=args.limit,
-        )
+        knobs = check_knobs(args.method, _knobs(args, METHODS))
+        dataset = {
+            "question_field": args.question_field,
+            "answer_field": args.answer_field,
+            "id_field": args.id_field,
+            "split": args.split,
+        }
+        problems = load_problems(args.dataset, **dataset, limit=args.limit)
     except (ValueError, DatasetError) as e:
         return _fail(str(e))
     dist = init_distributed()
@@ -206,22 +182,8 @@ def _eval(args: argparse.Namespace) -> int:
     if dist.world_size > 1 and device == "cuda":
         device = f"cuda:{dist.local_rank}"
     model, tokenizer = _load(args, device)
-    method = make_method(args.method, model, tokenizer, **given)
-    dataset = args.dataset if not os.path.exists(args.dataset) else os.path.abspath(args.dataset)
-    config = {
-        "model": _model_id(args.model),
-        "gguf_file": args.gguf_file,
-        "dtype": _dtype_name(model),
-        "dataset": {
-            "source": dataset,
-            "question_field": args.question_field,
-            "answer_field": args.answer_field,
-            "id_field": args.id_field,
-            "split": args.split,
-        },
-        "method": method.name,
-        "knobs": method.knobs,
-    }
+    method = make_method(args.method, model, tokenizer, **knobs)
+    config = run_config(method, model=args.model, gguf_file=args.gguf_file, dataset=args.dataset, **dataset)
     try:
         summary = run_eval(
             method,
@@ -240,7 +202,7 @@ def _eval(args: argparse.Namespace) -> int:
             f"{method.name} on {args.dataset}: {summary.done}/{summary.total} problems done{state}, "
             f"accuracy {summary.correct}/{summary.done} = {100 * summary.accuracy:.1f}%"
         )
-        print(f"records in {summary.out_dir / 'results.jsonl'}; table and plots: latentseek report {summary.out_dir}")
+        print(f"records in {summary.out_dir / RESULTS_FILE}; table and plots: latentseek report {summary.out_dir}")
     return 130 if summary.interrupted else 0
 
 

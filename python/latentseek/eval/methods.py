@@ -1,4 +1,4 @@
-"""The evaluation methods that ``latentseek eval --method`` runs, one record per problem for :mod:`latentseek.eval.runs`.
+"""The evaluation methods that ``latentseek eval --method`` runs, and the table they are declared in.
 
 - ``cot``: one greedy chain-of-thought answer per problem.
 - ``bon``: best-of-N. N candidates (the first greedy, the others sampled), the one with the best reward
@@ -8,11 +8,19 @@
 - ``latentseek``: the LatentSeek loop (:class:`~latentseek.loop.LatentSeek`) with the self-verification reward
   (``self``) or the gold-answer reward (``oracle``).
 
+The table. :data:`METHOD_TABLE` maps each method's name to its class, and each class's ``settings_type`` (a frozen
+dataclass) declares its knobs: their names, types, defaults and checks; a nested dataclass field
+(:class:`~latentseek.config.LatentSeekConfig`) contributes its own fields as knobs. The knob checks
+(:func:`settings_of`) and the command line's flags and help (:func:`knob_table`, with one line of :data:`KNOB_HELP`
+per knob) are built from it, so a new knob is a settings field, its help line, and the code that uses it.
+:func:`run_config` builds a run's config next to the method, so the CLI and a Python caller of
+:func:`latentseek.eval.runner.run_eval` record the same config and fingerprint.
+
 Every method prompts with :func:`latentseek.eval.prompts.solver_messages` and judges its final answer against the gold
 answer with :mod:`latentseek.eval.judge` (never with a reward: the oracle reward is LatentSeek's signal, not the verdict).
-Every record counts the tokens the model generated for the problem, the verifier's included, so methods can be
-compared at equal compute, and the wall seconds spent on it (a batch's time is shared equally by its problems,
-LatentSeek's per phase by the problems taking part in it).
+Every record (:mod:`latentseek.eval.record`) counts the tokens the model generated for the problem, the verifier's
+included, so methods can be compared at equal compute, and the wall seconds spent on it (a batch's time is shared
+equally by its problems, LatentSeek's per phase by the problems taking part in it).
 
 Sampled candidates are seeded per problem id and candidate number, so a problem's samples do not depend on the
 batch size, the problem's place in the batch, or the rank that solves it.
@@ -22,34 +30,165 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import torch
 
 from ..chat import build_prompt_ids, question_text, stop_token_ids
 from ..config import LatentSeekConfig
-from ..generation import extend, greedy_picker, sampling_picker
+from ..errors import ConfigError
+from ..generation import Picker, extend, greedy_picker, sampling_picker
 from ..loop import AnswerCallback, LatentSeek, Result
 from ..model import ModelAdapter
 from ..rewards import BOXED_FORMAT, BatchReward, OracleReward, RewardLike, SelfReward, as_reward, evaluate
 from .data import Problem
 from .judge import answers_match, extract_answer, is_equivalent
-from .prompts import PROMPT_STYLES, solver_messages
+from .prompts import PromptStyle, solver_messages
+from .record import BestOfNRecord, LatentSeekRecord, Record, SelfConsistencyRecord, check_types, type_hints
 
-METHODS = ("cot", "bon", "self-consistency", "latentseek")
-REWARDS = ("self", "oracle")
+#: The rewards a method can be given by name; a reward object given instead is recorded as ``custom``.
+RewardName = Literal["self", "oracle"]
+REWARDS: tuple[str, ...] = get_args(RewardName)
+CUSTOM_REWARD = "custom"
 
-DEFAULT_MAX_NEW_TOKENS = LatentSeekConfig.max_new_tokens
-DEFAULT_VERIFIER_MAX_NEW_TOKENS = 512
-#: Best-of-N candidates, as in the paper's baseline.
-DEFAULT_BON_CANDIDATES = 3
-#: Self-consistency samples: an odd number (fewer ties) that spends about the tokens of the paper's BoN-3 plus a
-#: couple of LatentSeek steps, a common small-budget setting.
-DEFAULT_SC_SAMPLES = 5
-DEFAULT_TEMPERATURE = 0.7
-DEFAULT_TOP_P = 0.95
+#: Weight dtypes by the names the command line takes and run configs record.
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Settings: each method's knobs with their types, defaults and checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Settings:
+    """Checks every field against its annotation (ConfigError), then the class's own rules (``_check``)."""
+
+    def __post_init__(self) -> None:
+        check_types(self, ConfigError)
+        self._check()
+
+    def _check(self) -> None:
+        """Range checks; each class calls ``super()._check()`` first."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptSettings(_Settings):
+    prompt: PromptStyle = "boxed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationSettings(PromptSettings):
+    """The knobs of a method that generates its answers directly (``cot``)."""
+
+    max_new_tokens: int = LatentSeekConfig.max_new_tokens
+
+    def _check(self) -> None:
+        super()._check()
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingSettings(GenerationSettings):
+    """Generation plus N sampled candidates (each method sets its own N)."""
+
+    n_candidates: int
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+
+    def _check(self) -> None:
+        super()._check()
+        if self.n_candidates < 1:
+            raise ConfigError(f"n_candidates must be >= 1, got {self.n_candidates}")
+        sampling_picker(self.temperature, self.top_p, self.seed, 1)  # its checks of temperature and top_p, now
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardSettings(_Settings):
+    """A reward by name (or a reward object, recorded as ``custom``) and the self-verification's length."""
+
+    reward: RewardName | RewardLike = "self"
+    verifier_max_new_tokens: int = 512
+
+    def _check(self) -> None:
+        super()._check()
+        if self.verifier_max_new_tokens < 1:
+            raise ConfigError(f"verifier_max_new_tokens must be >= 1, got {self.verifier_max_new_tokens}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BestOfNSettings(SamplingSettings, RewardSettings):
+    n_candidates: int = 3  # as in the paper's baseline
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelfConsistencySettings(SamplingSettings):
+    # an odd number (fewer ties) that spends about the tokens of BoN-3 plus a couple of LatentSeek steps
+    n_candidates: int = 5
+
+
+@dataclass(frozen=True, kw_only=True)
+class LatentSeekSettings(PromptSettings, RewardSettings):
+    """The prompt, the reward, and the loop's :class:`~latentseek.config.LatentSeekConfig` (its fields are knobs)."""
+
+    config: LatentSeekConfig = field(default_factory=LatentSeekConfig)
+
+
+def _is_nested(hint: Any) -> bool:
+    return dataclasses.is_dataclass(hint) and isinstance(hint, type)
+
+
+def _knob_fields(settings_type: type) -> list[tuple[str, Any, Any]]:
+    """``(name, annotation, default)`` of every knob of a settings class, a nested dataclass's fields in its place."""
+    hints = type_hints(settings_type)
+    found = []
+    for f in dataclasses.fields(settings_type):
+        if _is_nested(hints[f.name]):
+            found += _knob_fields(hints[f.name])
+        else:
+            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            found.append((f.name, hints[f.name], default))
+    return found
+
+
+def _build(settings_type: type, knobs: Mapping[str, Any]) -> Any:
+    hints = type_hints(settings_type)
+    kwargs = {}
+    for f in dataclasses.fields(settings_type):
+        if _is_nested(hints[f.name]):
+            mine = {g.name: knobs[g.name] for g in dataclasses.fields(hints[f.name]) if g.name in knobs}
+            if mine:
+                kwargs[f.name] = _build(hints[f.name], mine)
+        elif f.name in knobs:
+            kwargs[f.name] = knobs[f.name]
+    return settings_type(**kwargs)
+
+
+def flat_knobs(settings: Any) -> dict[str, Any]:
+    """A settings object as knob name -> value, a nested dataclass's fields in its place."""
+    flat: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            flat.update(flat_knobs(value))
+        else:
+            flat[f.name] = value
+    return flat
+
+
+def _reward_name(reward: str | RewardLike) -> str:
+    return reward if isinstance(reward, str) else CUSTOM_REWARD
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The methods
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def row_seed(seed: int, problem_id: str, k: int) -> int:
@@ -88,189 +227,171 @@ def _sync(adapter: ModelAdapter) -> None:
         torch.cuda.synchronize(adapter.device)
 
 
-class _Method:
-    """What the methods share: the model, the prompt style, generation, and the record."""
+def _judged(response: str, gold: str) -> dict[str, Any]:
+    """The record fields of a final response: its extracted answer, the judge's verdict, the text."""
+    return {"prediction": extract_answer(response), "correct": answers_match(response, gold), "response": response}
 
-    name = "method"
 
-    def __init__(self, model, tokenizer, *, prompt: str = "boxed", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
-        if prompt not in PROMPT_STYLES:
-            raise ValueError(f"prompt style must be one of {PROMPT_STYLES}, got {prompt!r}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+class MethodBase:
+    """What the methods share: the model, the settings, the prompt, and the knobs recorded in the run's config.
+
+    ``MethodClass(model, tokenizer, **settings)``: `settings` are the fields of the class's ``settings_type`` (unset ones
+    keep their defaults), checked before the model is touched.
+    """
+
+    name: str = "method"
+    settings_type: ClassVar[type[_Settings]] = PromptSettings
+
+    def __init__(self, model: torch.nn.Module | ModelAdapter, tokenizer, **settings: Any) -> None:
+        self.settings = self.settings_type(**settings)
         self.adapter = ModelAdapter.of(model)
         self.tokenizer = tokenizer
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
         self.stop_ids = stop_token_ids(tokenizer, self.adapter)
 
     @property
     def knobs(self) -> dict[str, Any]:
-        """The settings that decide this method's records (they go into the run's config)."""
-        return {"prompt": self.prompt, "max_new_tokens": self.max_new_tokens}
+        """The settings that decide this method's records (the run config's ``knobs``), flat.
+
+        A reward object is recorded as ``custom``; ``verifier_max_new_tokens`` only with the self reward, the one
+        that uses it.
+        """
+        knobs = flat_knobs(self.settings)
+        if "reward" in knobs:
+            knobs["reward"] = _reward_name(knobs["reward"])
+            if knobs["reward"] != "self":
+                del knobs["verifier_max_new_tokens"]
+        return knobs
 
     def messages(self, problem: Problem) -> list[dict[str, str]]:
-        return solver_messages(problem.question, self.prompt, problem.answer_kind)
+        return solver_messages(problem.question, self.settings.prompt, problem.answer_kind)
 
-    def _generate(self, prompts: list[list[int]], picker) -> list[list[int]]:
-        rows = [(None, p) for p in prompts]
-        return extend(self.adapter, rows, self.max_new_tokens, self.stop_ids, picker=picker).tokens
-
-    def _decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+    def solve_batch(self, problems: Sequence[Problem]) -> list[Record]:
+        """One record per problem, in order."""
+        raise NotImplementedError
 
     def _seconds(self, t0: float, problems: Sequence[Problem]) -> float:
         _sync(self.adapter)
         return (time.perf_counter() - t0) / len(problems)
 
-    def _sample(self, problems: Sequence[Problem], n: int, seed: int, temperature: float, top_p: float, first: int):
+    def _make_reward(self) -> BatchReward:
+        """The reward of ``settings.reward``: self-verification (with the boxed format rule for the boxed prompt),
+        the gold answer, or the reward object given."""
+        reward, settings = self.settings.reward, self.settings
+        if not isinstance(reward, str):
+            return as_reward(reward)
+        if reward == "self":
+            rule = BOXED_FORMAT if settings.prompt == "boxed" else None
+            return SelfReward(
+                self.adapter, self.tokenizer, max_new_tokens=settings.verifier_max_new_tokens, format_rule=rule
+            )
+        return OracleReward(answers_match)
+
+
+class _Generating(MethodBase):
+    """A method that generates its answers directly, greedy or sampled."""
+
+    settings_type: ClassVar[type[_Settings]] = GenerationSettings
+
+    def _generate(self, prompts: list[list[int]], picker: Picker) -> list[list[int]]:
+        rows = [(None, p) for p in prompts]
+        return extend(self.adapter, rows, self.settings.max_new_tokens, self.stop_ids, picker=picker).tokens
+
+    def _greedy(self, problems: Sequence[Problem]) -> list[list[int]]:
+        return self._generate([build_prompt_ids(self.tokenizer, self.messages(p)) for p in problems], greedy_picker())
+
+    def _decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _sample(self, problems: Sequence[Problem], first: int) -> list[list[list[int]]]:
         """Candidates ``first .. n-1`` of every problem, sampled, all in one batch: ``[problem][candidate]``."""
-        if n <= first:
+        s = self.settings
+        if s.n_candidates <= first:
             return [[] for _ in problems]
         prompts, seeds = [], []
         for p in problems:
             ids = build_prompt_ids(self.tokenizer, self.messages(p))
-            for k in range(first, n):
+            for k in range(first, s.n_candidates):
                 prompts.append(ids)
-                seeds.append(row_seed(seed, p.id, k))
-        picker = sampling_picker(temperature, top_p, seed, len(prompts), row_seeds=seeds)
+                seeds.append(row_seed(s.seed, p.id, k))
+        picker = sampling_picker(s.temperature, s.top_p, s.seed, len(prompts), row_seeds=seeds)
         tokens = self._generate(prompts, picker)
-        per = n - first
+        per = s.n_candidates - first
         return [tokens[i * per : (i + 1) * per] for i in range(len(problems))]
 
 
-def _answer_fields(response: str, gold: str) -> dict[str, Any]:
-    return {"prediction": extract_answer(response), "correct": answers_match(response, gold), "response": response}
-
-
-class CoT(_Method):
+class CoT(_Generating):
     """Greedy chain of thought: one answer per problem, all problems of a batch in one generation."""
 
     name = "cot"
 
-    def solve_batch(self, problems: Sequence[Problem]) -> list[dict[str, Any]]:
+    def solve_batch(self, problems: Sequence[Problem]) -> list[Record]:
         t0 = time.perf_counter()
-        tokens = self._generate([build_prompt_ids(self.tokenizer, self.messages(p)) for p in problems], greedy_picker())
+        tokens = self._greedy(problems)
         seconds = self._seconds(t0, problems)
         return [
-            {
-                **_answer_fields(self._decode(t), p.gold),
-                "tokens": len(t),
-                "seconds": seconds,
-                "iterations": 0,
-                "rewards": [],
-            }
+            Record(**_judged(self._decode(t), p.gold), tokens=len(t), seconds=seconds)
             for p, t in zip(problems, tokens, strict=True)
         ]
 
 
-class _Sampling(_Method):
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        *,
-        n: int,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_p: float = DEFAULT_TOP_P,
-        seed: int = 0,
-        **common: Any,
-    ) -> None:
-        super().__init__(model, tokenizer, **common)
-        if n < 1:
-            raise ValueError(f"{self.name} needs at least one candidate, got {n}")
-        sampling_picker(temperature, top_p, seed, 1)  # checks temperature and top_p now, not mid-run
-        self.n, self.temperature, self.top_p, self.seed = n, temperature, top_p, seed
-
-    @property
-    def knobs(self) -> dict[str, Any]:
-        return {
-            **super().knobs,
-            "n_candidates": self.n,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-        }
-
-
-class BestOfN(_Sampling):
+class BestOfN(_Generating):
     """Best-of-N: candidate 0 greedy, candidates 1..N-1 sampled; the best-rewarded one (earliest among equals).
 
     ``reward``: ``"self"`` (self-verification, with the boxed format rule for the boxed prompt), ``"oracle"`` (gold
-    answer, an upper bound), or any reward object. Record extras: ``candidate_rewards``, ``chosen`` (its index),
-    ``verifier_tokens``; ``rewards`` holds the chosen candidate's reward.
+    answer, an upper bound), or any reward object. Records: :class:`~latentseek.eval.record.BestOfNRecord`.
     """
 
     name = "bon"
+    settings_type = BestOfNSettings
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        *,
-        n_candidates: int = DEFAULT_BON_CANDIDATES,
-        reward: str | RewardLike = "self",
-        verifier_max_new_tokens: int = DEFAULT_VERIFIER_MAX_NEW_TOKENS,
-        **kw: Any,
-    ) -> None:
-        super().__init__(model, tokenizer, n=n_candidates, **kw)
-        self.reward_name, self.reward = _make_reward(reward, self, verifier_max_new_tokens)
-        self.verifier_max_new_tokens = verifier_max_new_tokens
+    def __init__(self, model: torch.nn.Module | ModelAdapter, tokenizer, **settings: Any) -> None:
+        super().__init__(model, tokenizer, **settings)
+        self.reward = self._make_reward()
 
-    @property
-    def knobs(self) -> dict[str, Any]:
-        knobs = {**super().knobs, "reward": self.reward_name}
-        if self.reward_name == "self":
-            knobs["verifier_max_new_tokens"] = self.verifier_max_new_tokens
-        return knobs
-
-    def solve_batch(self, problems: Sequence[Problem]) -> list[dict[str, Any]]:
+    def solve_batch(self, problems: Sequence[Problem]) -> list[BestOfNRecord]:
+        n = self.settings.n_candidates
         t0 = time.perf_counter()
-        greedy = self._generate([build_prompt_ids(self.tokenizer, self.messages(p)) for p in problems], greedy_picker())
-        sampled = self._sample(problems, self.n, self.seed, self.temperature, self.top_p, first=1)
+        greedy = self._greedy(problems)
+        sampled = self._sample(problems, first=1)
         candidates = [[g, *s] for g, s in zip(greedy, sampled, strict=True)]
         texts = [[self._decode(t) for t in c] for c in candidates]
-        flat_q = [question_text(self.messages(p)) for p in problems for _ in range(self.n)]
+        flat_q = [question_text(self.messages(p)) for p in problems for _ in range(n)]
         flat_a = [t for ts in texts for t in ts]
-        flat_g = [p.gold for p in problems for _ in range(self.n)]
+        flat_g = [p.gold for p in problems for _ in range(n)]
         scores = evaluate(self.reward, flat_q, flat_a, flat_g)
         seconds = self._seconds(t0, problems)
         records = []
         for i, p in enumerate(problems):
-            mine = scores[i * self.n : (i + 1) * self.n]
+            mine = scores[i * n : (i + 1) * n]
             values = [s.value for s in mine]
-            chosen = max(range(self.n), key=lambda k: (values[k], -k))
+            chosen = max(range(n), key=lambda k: (values[k], -k))
             verifier = sum(int(s.details.get("verifier_tokens", 0)) for s in mine)
             records.append(
-                {
-                    **_answer_fields(texts[i][chosen], p.gold),
-                    "tokens": sum(len(t) for t in candidates[i]) + verifier,
-                    "seconds": seconds,
-                    "iterations": 0,
-                    "rewards": [values[chosen]],
-                    "candidate_rewards": values,
-                    "chosen": chosen,
-                    "verifier_tokens": verifier,
-                }
+                BestOfNRecord(
+                    **_judged(texts[i][chosen], p.gold),
+                    tokens=sum(len(t) for t in candidates[i]) + verifier,
+                    seconds=seconds,
+                    rewards=[values[chosen]],
+                    candidate_rewards=values,
+                    chosen=chosen,
+                    verifier_tokens=verifier,
+                )
             )
         return records
 
 
-class SelfConsistency(_Sampling):
+class SelfConsistency(_Generating):
     """Self-consistency: N sampled answers, majority vote of their final answers (see :func:`majority_vote`).
 
-    Record extras: ``answers`` (each sample's extracted answer), ``votes`` (the winner's count); ``response`` is
-    the first sample giving the winning answer.
+    Records: :class:`~latentseek.eval.record.SelfConsistencyRecord`.
     """
 
     name = "self-consistency"
+    settings_type = SelfConsistencySettings
 
-    def __init__(self, model, tokenizer, *, n_candidates: int = DEFAULT_SC_SAMPLES, **kw: Any) -> None:
-        super().__init__(model, tokenizer, n=n_candidates, **kw)
-
-    def solve_batch(self, problems: Sequence[Problem]) -> list[dict[str, Any]]:
+    def solve_batch(self, problems: Sequence[Problem]) -> list[SelfConsistencyRecord]:
         t0 = time.perf_counter()
-        samples = self._sample(problems, self.n, self.seed, self.temperature, self.top_p, first=0)
+        samples = self._sample(problems, first=0)
         seconds = self._seconds(t0, problems)
         records = []
         for p, tokens in zip(problems, samples, strict=True):
@@ -286,57 +407,39 @@ class SelfConsistency(_Sampling):
                 texts[0],
             )
             records.append(
-                {
-                    "prediction": winner,
-                    "correct": winner is not None and is_equivalent(winner, p.gold),
-                    "response": response,
-                    "tokens": sum(len(t) for t in tokens),
-                    "seconds": seconds,
-                    "iterations": 0,
-                    "rewards": [],
-                    "answers": answers,
-                    "votes": votes,
-                }
+                SelfConsistencyRecord(
+                    prediction=winner,
+                    correct=winner is not None and is_equivalent(winner, p.gold),
+                    response=response,
+                    tokens=sum(len(t) for t in tokens),
+                    seconds=seconds,
+                    answers=answers,
+                    votes=votes,
+                )
             )
         return records
 
 
-class LatentSeekMethod(_Method):
+class LatentSeekMethod(MethodBase):
     """LatentSeek (:class:`~latentseek.loop.LatentSeek`) on the solver prompt.
 
     ``reward``: ``"self"`` (self-verification, with the boxed format rule for the boxed prompt), ``"oracle"``
-    (0 when the answer matches the gold answer, else -1), or any reward object.
-
-    Record: ``prediction`` / ``correct`` of the returned answer, ``iterations`` = optimiser steps, ``rewards`` the
-    reward history (initial answer first); extras ``initial_prediction`` / ``initial_correct`` (the greedy answer
-    LatentSeek starts from, i.e. CoT inside LatentSeek), ``initial_response``, ``final_index``, ``update_length``,
-    ``solved`` (reward above the threshold), ``generated_tokens`` and ``verifier_tokens`` (their sum is ``tokens``).
+    (0 when the answer matches the gold answer, else -1), or any reward object; ``config``: the loop's
+    :class:`~latentseek.config.LatentSeekConfig`. Records: :class:`~latentseek.eval.record.LatentSeekRecord`
+    (``correct`` is the judge's verdict on the returned answer, never the reward).
     """
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        *,
-        reward: str | RewardLike = "self",
-        config: LatentSeekConfig | None = None,
-        prompt: str = "boxed",
-        verifier_max_new_tokens: int = DEFAULT_VERIFIER_MAX_NEW_TOKENS,
-    ) -> None:
-        config = config or LatentSeekConfig()
-        super().__init__(model, tokenizer, prompt=prompt, max_new_tokens=config.max_new_tokens)
-        self.config = config
-        self.reward_name, reward_obj = _make_reward(reward, self, verifier_max_new_tokens)
-        self.verifier_max_new_tokens = verifier_max_new_tokens
-        self.engine = LatentSeek(self.adapter, tokenizer, reward_obj, config)
+    settings_type = LatentSeekSettings
+
+    def __init__(self, model: torch.nn.Module | ModelAdapter, tokenizer, **settings: Any) -> None:
+        super().__init__(model, tokenizer, **settings)
+        self.reward_name = _reward_name(self.settings.reward)
+        self.engine = LatentSeek(self.adapter, tokenizer, self._make_reward(), self.settings.config)
         self.name = f"latentseek-{self.reward_name}"
 
     @property
-    def knobs(self) -> dict[str, Any]:
-        knobs = {"prompt": self.prompt, "reward": self.reward_name, **dataclasses.asdict(self.config)}
-        if self.reward_name == "self":
-            knobs["verifier_max_new_tokens"] = self.verifier_max_new_tokens
-        return knobs
+    def config(self) -> LatentSeekConfig:
+        return self.settings.config
 
     def seek(self, problems: Sequence[Problem], on_answer: AnswerCallback | None = None) -> list[Result]:
         """The LatentSeek results of the problems (an empty gold answer is passed as none)."""
@@ -344,86 +447,185 @@ class LatentSeekMethod(_Method):
             [self.messages(p) for p in problems], [p.gold or None for p in problems], on_answer=on_answer
         )
 
-    def solve_batch(self, problems: Sequence[Problem]) -> list[dict[str, Any]]:
+    def solve_batch(self, problems: Sequence[Problem]) -> list[LatentSeekRecord]:
         records = []
         for p, r in zip(problems, self.seek(problems), strict=True):
             verifier = sum(int(d.get("verifier_tokens", 0)) for d in r.reward_details)
             records.append(
-                {
-                    **_answer_fields(r.final_answer, p.gold),
-                    "tokens": r.generated_tokens + verifier,
-                    "seconds": r.total_time,
-                    "iterations": r.steps,
-                    "rewards": list(r.rewards),
-                    "initial_prediction": extract_answer(r.initial_answer),
-                    "initial_correct": answers_match(r.initial_answer, p.gold),
-                    "initial_response": r.initial_answer,
-                    "final_index": r.final_index,
-                    "update_length": r.update_length,
-                    "solved": r.solved,
-                    "generated_tokens": r.generated_tokens,
-                    "verifier_tokens": verifier,
-                }
+                LatentSeekRecord(
+                    **_judged(r.final_answer, p.gold),
+                    tokens=r.generated_tokens + verifier,
+                    seconds=r.total_time,
+                    iterations=r.steps,
+                    rewards=list(r.rewards),
+                    initial_prediction=extract_answer(r.initial_answer),
+                    initial_correct=answers_match(r.initial_answer, p.gold),
+                    initial_response=r.initial_answer,
+                    final_index=r.final_index,
+                    update_length=r.update_length,
+                    solved=r.solved,
+                    generated_tokens=r.generated_tokens,
+                    verifier_tokens=verifier,
+                )
             )
         return records
 
 
-def _make_reward(reward: str | RewardLike, method: _Method, verifier_max_new_tokens: int) -> tuple[str, BatchReward]:
-    """(name for the config, the reward): ``"self"``, ``"oracle"``, or a given reward object (named ``custom``)."""
-    if not isinstance(reward, str):
-        return "custom", as_reward(reward)
-    if reward == "self":
-        rule = BOXED_FORMAT if method.prompt == "boxed" else None
-        return reward, SelfReward(
-            method.adapter, method.tokenizer, max_new_tokens=verifier_max_new_tokens, format_rule=rule
-        )
-    if reward == "oracle":
-        return reward, OracleReward(answers_match)
-    raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
+# ---------------------------------------------------------------------------------------------------------------
+# The table, the knob checks, the command line's view of the knobs, and the run config
+# ---------------------------------------------------------------------------------------------------------------
 
+#: Every method by the name ``--method`` takes.
+METHOD_TABLE: dict[str, type[MethodBase]] = {
+    "cot": CoT,
+    "bon": BestOfN,
+    "self-consistency": SelfConsistency,
+    "latentseek": LatentSeekMethod,
+}
+METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
 
-_COMMON = {"prompt", "max_new_tokens"}
-_SAMPLING = {"n_candidates", "temperature", "top_p", "seed"}
-_CONFIG_FIELDS = {f.name for f in dataclasses.fields(LatentSeekConfig)}
-KNOBS: dict[str, set[str]] = {
-    "cot": _COMMON,
-    "bon": _COMMON | _SAMPLING | {"reward", "verifier_max_new_tokens"},
-    "self-consistency": _COMMON | _SAMPLING,
-    "latentseek": {"prompt", "reward", "verifier_max_new_tokens"} | _CONFIG_FIELDS,
+#: One line of help per knob, for ``--help`` (the defaults are added from the settings classes).
+KNOB_HELP: dict[str, str] = {
+    "prompt": "solver prompt style",
+    "max_new_tokens": "most tokens per answer / continuation",
+    "reward": "self-verification or the gold answer",
+    "verifier_max_new_tokens": "most tokens per self-verification",
+    "n_candidates": "candidates (bon) / samples (self-consistency)",
+    "temperature": "sampling temperature",
+    "top_p": "sampling nucleus mass",
+    "seed": "sampling seed",
+    "rho": "fraction of the answer's latents optimised",
+    "lr": "Adam learning rate on the latents",
+    "max_steps": "most optimiser steps",
+    "reward_threshold": "stop once the reward is above this",
+    "start_index": "first answer token whose latent is optimised",
+    "grad_clip": "clip each problem's gradient to this L2 norm",
+    "keep_best": "return the best-rewarded answer, not the last",
+    "impl": "fused LM-head op",
 }
 
 
-def check_knobs(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
-    """The knobs that are set (not None), after checking that method `name` exists and uses them (ValueError)."""
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {name!r}")
-    given = {k: v for k, v in knobs.items() if v is not None}
-    unused = sorted(set(given) - KNOBS[name])
-    if unused:
-        raise ValueError(f"method {name!r} does not use {', '.join(unused)}")
-    if given.get("reward", "self") not in REWARDS:
-        raise ValueError(f"reward must be one of {REWARDS}, got {given['reward']!r}")
-    if name == "latentseek":
-        LatentSeekConfig(**{k: v for k, v in given.items() if k in _CONFIG_FIELDS})  # its checks, before any loading
-    return given
+def _method_type(name: str) -> type[MethodBase]:
+    if name not in METHOD_TABLE:
+        raise ConfigError(f"method must be one of {METHODS}, got {name!r}")
+    return METHOD_TABLE[name]
 
 
-def make_method(name: str, model, tokenizer, **knobs: Any) -> _Method:
-    """The method called `name` (one of :data:`METHODS`) with its knobs; a knob set to None keeps its default.
+def settings_of(name: str, knobs: Mapping[str, Any]) -> _Settings:
+    """The settings of method `name` from flat knobs (a knob set to None keeps its default).
 
-    Knobs: ``prompt`` and ``max_new_tokens`` for all; ``n_candidates``, ``temperature``, ``top_p``, ``seed`` for
-    ``bon`` and ``self-consistency``; ``reward`` (``self`` / ``oracle``) and ``verifier_max_new_tokens`` for
-    ``bon`` and ``latentseek``; the :class:`~latentseek.config.LatentSeekConfig` fields for ``latentseek``.
-    A knob the method does not use is an error (``--rho`` with ``cot`` is a mistake, not a no-op).
+    Raises ConfigError (a ValueError) for an unknown method, a knob the method does not use (``--rho`` with ``cot``
+    is a mistake, not a no-op), or a value its checks refuse; nothing is loaded, so this is cheap.
     """
-    given = check_knobs(name, knobs)
-    adapter = ModelAdapter.of(model)
-    if name == "cot":
-        return CoT(adapter, tokenizer, **given)
-    if name == "bon":
-        return BestOfN(adapter, tokenizer, **given)
-    if name == "self-consistency":
-        return SelfConsistency(adapter, tokenizer, **given)
-    config = LatentSeekConfig(**{k: v for k, v in given.items() if k in _CONFIG_FIELDS})
-    rest = {k: v for k, v in given.items() if k not in _CONFIG_FIELDS}
-    return LatentSeekMethod(adapter, tokenizer, config=config, **rest)
+    settings_type = _method_type(name).settings_type
+    given = {k: v for k, v in knobs.items() if v is not None}
+    unused = sorted(given.keys() - {knob for knob, _, _ in _knob_fields(settings_type)})
+    if unused:
+        raise ConfigError(f"method {name!r} does not use {', '.join(unused)}")
+    return _build(settings_type, given)
+
+
+def check_knobs(name: str, knobs: Mapping[str, Any]) -> dict[str, Any]:
+    """The knobs that are set (not None), after :func:`settings_of` checked them."""
+    settings_of(name, knobs)
+    return {k: v for k, v in knobs.items() if v is not None}
+
+
+def make_method(name: str, model: torch.nn.Module | ModelAdapter, tokenizer, **knobs: Any) -> MethodBase:
+    """The method called `name` (one of :data:`METHODS`) with its flat knobs; a knob set to None keeps its default.
+
+    Knobs: ``prompt`` for all; ``max_new_tokens`` for all (LatentSeek's is a :class:`LatentSeekConfig` field);
+    ``n_candidates``, ``temperature``, ``top_p``, ``seed`` for ``bon`` and ``self-consistency``; ``reward``
+    (``self`` / ``oracle``, or a reward object) and ``verifier_max_new_tokens`` for ``bon`` and ``latentseek``; the
+    :class:`~latentseek.config.LatentSeekConfig` fields for ``latentseek``. See :func:`settings_of` for the checks.
+    """
+    settings = settings_of(name, knobs)
+    fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    return METHOD_TABLE[name](model, tokenizer, **fields)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A knob as the command line offers it (``--name-with-dashes``), for the methods that use it."""
+
+    name: str
+    type: type  # int, float or str; bool for a flag that sets True
+    choices: tuple[str, ...] | None
+    help: str
+    defaults: dict[str, Any]  # method name -> its default, for each method that uses the knob
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _cli_form(name: str, hint: Any) -> tuple[type, tuple[str, ...] | None]:
+    """The command-line type and choices of an annotation; a union is given as its first arm that is not None."""
+    if get_origin(hint) in (Union, type(int | None)):
+        return _cli_form(name, next(arm for arm in get_args(hint) if arm is not type(None)))
+    if get_origin(hint) is Literal:
+        return str, get_args(hint)
+    if hint in (bool, int, float, str):
+        return hint, None
+    raise TypeError(f"knob {name!r} has type {hint!r}, which has no command-line form")
+
+
+def knob_table(methods: Sequence[str] = METHODS) -> list[Knob]:
+    """Every knob of `methods`, in the order the table first declares it, with each method's default."""
+    knobs: dict[str, Knob] = {}
+    for method in methods:
+        for name, hint, default in _knob_fields(_method_type(method).settings_type):
+            kind, choices = _cli_form(name, hint)
+            if name not in knobs:  # a knob without a help line still works (test_methods asks for the line)
+                knobs[name] = Knob(name, kind, choices, KNOB_HELP.get(name, name.replace("_", " ")), {})
+            elif (knobs[name].type, knobs[name].choices) != (kind, choices):
+                raise TypeError(f"knob {name!r} has different types in different methods")
+            if kind is bool and default is not False:
+                raise TypeError(f"flag knob {name!r} must default to False (a flag can only set True)")
+            knobs[name].defaults[method] = default
+    return list(knobs.values())
+
+
+def _absolute_if_local(path: str) -> str:
+    """A local path made absolute (the run may be resumed from elsewhere); a hub id or name as given."""
+    return os.path.abspath(path) if os.path.exists(path) else path
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name :data:`DTYPES` gives `dtype` (its torch name for another dtype)."""
+    return next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
+
+
+def run_config(
+    method: MethodBase,
+    *,
+    model: str,
+    dataset: str,
+    gguf_file: str | None = None,
+    question_field: str | None = None,
+    answer_field: str | None = None,
+    id_field: str | None = None,
+    split: str = "test",
+) -> dict[str, Any]:
+    """The config of a run of `method` (its config.json), what ``latentseek eval`` records for the same run.
+
+    Args:
+        method: the method, with the model it was made with (its weights' dtype is recorded).
+        model, gguf_file: what :func:`latentseek.load_model` was given (a local path is made absolute).
+        dataset, question_field, answer_field, id_field, split: what :func:`latentseek.eval.data.load_problems`
+            was given (``limit`` is not part of a run's config; a local path is made absolute).
+    """
+    return {
+        "model": _absolute_if_local(model),
+        "gguf_file": gguf_file,
+        "dtype": dtype_name(next(method.adapter.model.parameters()).dtype),
+        "dataset": {
+            "source": _absolute_if_local(dataset),
+            "question_field": question_field,
+            "answer_field": answer_field,
+            "id_field": id_field,
+            "split": split,
+        },
+        "method": method.name,
+        "knobs": method.knobs,
+    }

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from latentseek.eval.runs import Run, load_run
+from latentseek.eval.record import LatentSeekRecord
+from latentseek.eval.storage import Run, load_run
 
 REPORT_FILE = "report.md"
 ACCURACY_PLOT = "accuracy_by_method.png"
@@ -45,23 +46,23 @@ class RunStats:
 
     @classmethod
     def of(cls, run: Run) -> RunStats:
-        records = run.records
+        records = [r.record for r in run.records]
         n = len(records)
 
-        def mean(field: str) -> float:
-            return sum(float(r[field]) for r in records) / n if n else math.nan
+        def mean(values: list[float]) -> float:
+            return sum(values) / n if n else math.nan
 
         return cls(
             name=run.path.name,
             method=str(run.config.get("method", run.path.name)),
             problems=n,
-            correct=sum(bool(r["correct"]) for r in records),
-            mean_iterations=mean("iterations"),
-            tokens_per_problem=mean("tokens"),
-            seconds_per_problem=mean("seconds"),
+            correct=sum(r.correct for r in records),
+            mean_iterations=mean([r.iterations for r in records]),
+            tokens_per_problem=mean([r.tokens for r in records]),
+            seconds_per_problem=mean([r.seconds for r in records]),
             initial_correct=(
-                sum(bool(r["initial_correct"]) for r in records)
-                if records and all("initial_correct" in r for r in records)
+                sum(r.initial_correct for r in records)
+                if records and all(isinstance(r, LatentSeekRecord) for r in records)
                 else None
             ),
         )
@@ -98,10 +99,11 @@ def markdown_table(stats: Sequence[RunStats]) -> str:
 
 def mean_reward_by_iteration(run: Run) -> list[float]:
     """Mean of ``rewards[i]`` over the problems that reached iteration i (early stopping drops problems out)."""
-    longest = max((len(r["rewards"]) for r in run.records), default=0)
+    rewards = [r.record.rewards for r in run.records]
+    longest = max(map(len, rewards), default=0)
     means = []
     for i in range(longest):
-        values = [float(r["rewards"][i]) for r in run.records if len(r["rewards"]) > i]
+        values = [float(r[i]) for r in rewards if len(r) > i]
         means.append(sum(values) / len(values))
     return means
 
@@ -154,7 +156,7 @@ def plot_rewards(runs: Sequence[Run], stats: Sequence[RunStats], path: Path) -> 
 
 def plot_iterations(runs: Sequence[Run], stats: Sequence[RunStats], path: Path) -> None:
     fig, ax = _figure()
-    counts = [[int(r["iterations"]) for r in run.records] for run in runs]
+    counts = [[r.record.iterations for r in run.records] for run in runs]
     top = max((max(c) for c in counts if c), default=0)
     width = 0.8 / max(len(runs), 1)
     for k, (c, s) in enumerate(zip(counts, stats, strict=True)):

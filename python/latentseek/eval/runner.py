@@ -1,0 +1,261 @@
+"""The runner: a method over problems into a run directory (:mod:`latentseek.eval.storage`), resumable and sharded.
+
+It takes the directory's lock, refuses a run directory of another configuration, skips the problems already
+finished, deals the others out over the ranks of a torchrun group, and writes one line per problem as soon as its
+batch is done. Ctrl-C or SIGTERM stops after the batch in flight; a second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from latentseek.errors import RunError
+from latentseek.eval.data import Problem
+from latentseek.eval.record import Record, StoredRecord
+from latentseek.eval.storage import (
+    LOCK_FILE,
+    RESULTS_FILE,
+    RecordWriter,
+    check_config,
+    config_fingerprint,
+    load_records,
+    merge_shards,
+    shard_path,
+    supersede,
+    write_config,
+)
+
+
+class Method(Protocol):
+    """What the runner runs: a batch of problems in, one :class:`Record` per problem out, in the same order."""
+
+    def solve_batch(self, problems: Sequence[Problem]) -> Sequence[Record]: ...
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes and signals
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a multi-process run (rank 0 of 1 for a plain run)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def init_distributed(backend: str | None = None) -> DistInfo:
+    """Joins the torch.distributed group that torchrun describes in the environment (once; later calls just report).
+
+    A process not started by torchrun (WORLD_SIZE unset or 1) is rank 0 of 1 and never imports torch.distributed.
+    The backend defaults to NCCL on a CUDA machine (after selecting the GPU of LOCAL_RANK) and gloo elsewhere.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size == 1:
+        return DistInfo(rank=0, world_size=1, local_rank=0)
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank)
+
+
+def _barrier(dist_info: DistInfo) -> bool:
+    """Waits for all ranks; False when the group is broken (a rank died), so the caller can skip shared work."""
+    if dist_info.world_size == 1:
+        return True
+    import torch.distributed as dist
+
+    try:
+        dist.barrier()
+    except Exception as e:  # gloo and NCCL report a dead peer with several exception types
+        print(f"[rank {dist_info.rank}] a process of the run is gone ({e}); skipping the merge", file=sys.stderr)
+        return False
+    return True
+
+
+class StopRequest:
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM into a request to stop after the batch in flight.
+
+    A second signal raises KeyboardInterrupt at once, losing only the batch in flight. Signal handlers can only be
+    installed from the main thread; elsewhere signals keep their usual meaning.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after the batch in flight (again to stop at once)",
+            file=sys.stderr,
+        )
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    fd = os.open(run_dir / LOCK_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"another process is running into {run_dir} ({LOCK_FILE} is locked)") from None
+        yield
+    finally:
+        os.close(fd)  # also releases the lock; the kernel does the same for a killed process
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The runner
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """How far a run has got on the problems it was given (over all ranks once merged)."""
+
+    out_dir: Path
+    total: int
+    done: int
+    correct: int
+    interrupted: bool
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.done if self.done else float("nan")
+
+
+def _check_batch(method: Method, batch: Sequence[Problem], records: Sequence[Record]) -> None:
+    """Raises TypeError unless `records` holds one Record per problem of the batch (checked before any is written)."""
+    if len(records) != len(batch):
+        raise TypeError(
+            f"{type(method).__name__}.solve_batch returned {len(records)} records for {len(batch)} problems"
+        )
+    for problem, record in zip(batch, records, strict=True):
+        if not isinstance(record, Record):
+            raise TypeError(
+                f"problem {problem.id}: {type(method).__name__}.solve_batch returned a {type(record).__name__}, "
+                "expected a latentseek.eval.record.Record"
+            )
+
+
+def _progress_bar(total: int, initial: int, dist_info: DistInfo, label: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    desc = f"{label} [rank {dist_info.rank}/{dist_info.world_size}]" if dist_info.world_size > 1 else label
+    return tqdm(total=total, initial=initial, desc=desc, unit="problem", position=dist_info.rank, disable=not enabled)
+
+
+def run_eval(
+    method: Method,
+    problems: Sequence[Problem],
+    out_dir: str | Path,
+    config: Mapping[str, Any],
+    *,
+    batch_size: int = 1,
+    force: bool = False,
+    progress: bool = True,
+) -> RunSummary:
+    """Solves the problems not yet in `out_dir` with `method`, one JSONL record each, and returns the summary.
+
+    Resumes: problems whose id already has a record are skipped. A `config` other than the one the directory was
+    made with raises ConfigMismatchError unless `force`, which moves the old results to superseded/ and starts over.
+    Under torchrun (or after `init_distributed`), the unfinished problems are dealt out by rank, each rank writes
+    its own shard, and rank 0 merges them into results.jsonl when all ranks are done.
+
+    Ctrl-C or SIGTERM stops after the batch in flight (a second one stops at once) and the summary says
+    ``interrupted``; a killed process loses at most the batch in flight.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids = [p.id for p in problems]
+    if len(set(ids)) != len(ids):
+        raise ValueError("problem ids are not unique")
+    config_fingerprint(config)  # a config that is not plain JSON fails here, before anything is written
+    dist_info = init_distributed()
+    out = Path(out_dir)
+    lead = dist_info.rank == 0
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+    _barrier(dist_info)
+    with _run_lock(out) if lead else contextlib.nullcontext():
+        start_over = check_config(out, config, force)  # every rank reads it, so every rank raises alike
+        _barrier(dist_info)
+        if lead:
+            if start_over:
+                supersede(out)
+            write_config(out, config)
+        _barrier(dist_info)
+        finished = {r.id: r for r in load_records(out)}
+        _barrier(dist_info)  # all ranks know what was finished before any rank adds to it
+        changed = [p.id for p in problems if p.id in finished and finished[p.id].gold != p.gold]
+        if changed:
+            raise RunError(f"{out}: the gold answer of {len(changed)} finished problem(s) changed, e.g. {changed[0]}")
+
+        todo = [p for p in problems if p.id not in finished]
+        mine = todo[dist_info.rank :: dist_info.world_size]
+        prior = [finished[i] for i in ids if i in finished] if lead else []
+        done, correct = len(prior), sum(r.record.correct for r in prior)
+        path = out / RESULTS_FILE if dist_info.world_size == 1 else shard_path(out, dist_info.rank)
+        interrupted = False
+        with (
+            StopRequest() as stop,
+            RecordWriter(path) as writer,
+            _progress_bar(done + len(mine), done, dist_info, out.name, progress) as bar,
+        ):
+            for start in range(0, len(mine), batch_size):
+                batch = mine[start : start + batch_size]
+                records = method.solve_batch(batch)
+                _check_batch(method, batch, records)
+                for problem, record in zip(batch, records, strict=True):
+                    writer.append(StoredRecord(problem.id, problem.gold, record).to_json())
+                    done += 1
+                    correct += record.correct
+                    bar.update(1)
+                    bar.set_postfix_str(f"acc {correct}/{done} = {correct / done:.1%}")
+                if stop.requested and start + batch_size < len(mine):
+                    interrupted = True
+                    break
+
+        if _barrier(dist_info) and lead:
+            merge_shards(out, ids)
+        _barrier(dist_info)
+    wanted = set(ids)
+    records = [r for r in load_records(out) if r.id in wanted]
+    return RunSummary(
+        out_dir=out,
+        total=len(problems),
+        done=len(records),
+        correct=sum(r.record.correct for r in records),
+        interrupted=interrupted,
+    )
