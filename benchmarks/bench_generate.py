@@ -1,0 +1,296 @@
+"""How fast does latentseek decode on a CPU, per route, next to llama.cpp on the same GGUF?
+
+Decode tokens/s at batch 1 and batch 8 (the demo problems, chat-formatted; greedy; no stop token, so every row
+decodes --new-tokens tokens) for each route over the Qwen2.5-Coder-0.5B-Instruct Q4 GGUF
+(``bash tools/fetch_qwen_gguf.sh MODEL.gguf``):
+
+  torch fp32 / bf16     latentseek.generation.extend on the model that transformers dequantises from the GGUF,
+                        weights in that dtype
+  torch int8wo          the same with torchao's weight-only int8 on every Linear (bf16 activations), where torchao is
+                        importable (``pip install torchao``; not a requirement of the project)
+  llama.cpp             llama-cpp-python on the GGUF itself (Q4 weights as stored), batch 1 only (its ``Llama``
+                        object decodes one sequence), where llama_cpp is importable
+
+each at 1 thread and at all threads (torch.set_num_threads; llama.cpp's n_threads). torch.compile of the decode step
+is not a route: generation does not wire it.
+
+Decode time is measured from the first token's pick (the prompt's forward is done) to the last token's pick, so the
+prompt's forward is excluded: tokens/s = batch * (new tokens - 1) / that time. Routes run interleaved, one
+measurement of each per repetition, and each row reports the median and p20-p80 band over --reps repetitions.
+
+    python benchmarks/bench_generate.py --model MODEL.gguf --new-tokens 48 --tag generate-cpu-epyc
+
+Writes <out-dir>/<tag>.json, .md and .png; the file records the model's name and sha256, not its path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import importlib.metadata
+import importlib.util
+import itertools
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from latentseek import ModelAdapter, build_prompt_ids, load_model  # noqa: E402
+from latentseek.eval.data import DEMO_PROBLEMS_PATH, read_records  # noqa: E402
+from latentseek.generation import extend  # noqa: E402
+
+BATCHES = (1, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    engine: str  # "torch" or "llama.cpp"
+    weights: str  # fp32 | bf16 | int8wo | gguf
+    threads: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.engine} {self.weights}, {self.threads} thread{'s' if self.threads > 1 else ''}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    route: Route
+    batch: int
+    new_tokens: int
+    decode_s: tuple[float, ...]  # per repetition: first pick to last pick
+
+    @property
+    def tokens_per_s(self) -> common.Band:
+        return common.Band.of([self.batch * (self.new_tokens - 1) / t for t in self.decode_s])
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- decoders: (prompts, new tokens) -> seconds from the first pick to the last ---------------------------------------
+
+
+def torch_decoder(adapter: ModelAdapter, threads: int) -> Callable[[list[list[int]], int], float]:
+    def decode(prompts: list[list[int]], new_tokens: int) -> float:
+        torch.set_num_threads(threads)
+        picks: list[float] = []
+
+        def greedy(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+            picks.append(time.perf_counter())
+            return logits.argmax(-1)
+
+        out = extend(adapter, [(None, p) for p in prompts], new_tokens, [], picker=greedy)
+        if any(len(t) != new_tokens for t in out.tokens):
+            raise RuntimeError(f"a row stopped before {new_tokens} tokens: {[len(t) for t in out.tokens]}")
+        return picks[-1] - picks[0]
+
+    return decode
+
+
+def llama_cpp_decoder(model_path: str, threads: int) -> Callable[[list[list[int]], int], float]:
+    import numpy as np
+    from llama_cpp import Llama, llama_get_logits_ith
+
+    llm = Llama(model_path=model_path, n_ctx=1024, n_threads=threads, n_threads_batch=threads, verbose=False)
+    n_vocab = llm.n_vocab()
+
+    def greedy() -> int:  # the argmax of the last evaluated token's logits
+        return int(np.argmax(np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))))
+
+    def decode(prompts: list[list[int]], new_tokens: int) -> float:
+        if len(prompts) != 1:
+            raise ValueError(f"the llama.cpp route decodes one sequence, got a batch of {len(prompts)}")
+        llm.reset()
+        llm.eval(prompts[0])
+        t0 = time.perf_counter()  # the first pick: the prompt's logits are there
+        for _ in range(new_tokens - 1):
+            llm.eval([greedy()])
+        greedy()  # the last pick
+        return time.perf_counter() - t0
+
+    return decode
+
+
+def int8_weight_only(model: torch.nn.Module) -> torch.nn.Module:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+# --- report --------------------------------------------------------------------------------------------------------
+
+
+def to_markdown(payload: dict, rows: list[Row]) -> str:
+    s = payload["setup"]
+    table = []
+    for r in rows:
+        b = r.tokens_per_s
+        table.append(
+            [
+                r.route.engine,
+                r.route.weights,
+                r.route.threads,
+                r.batch,
+                f"{b.median:.1f}",
+                f"{b.p20:.1f}-{b.p80:.1f}",
+                b.runs,
+            ]
+        )
+    md = "# Decode speed: latentseek routes and llama.cpp\n\n" + common.stamp_markdown(payload["stamp"]) + "\n"
+    md += f"Command: `{payload['command']}`\n\n"
+    md += (
+        f"Model: {s['model_file']} (sha256 {s['model_sha256'][:12]}...), {s['params_m']:.0f}M parameters; "
+        f"prompts: the {s['prompt_tokens'][0]}-token first demo problem (batch 1), the 8 demo problems "
+        f"({min(s['prompt_tokens'])}-{max(s['prompt_tokens'])} tokens, left-padded; batch 8); greedy, "
+        f"{s['new_tokens']} new tokens per row, no stop token.\n\n"
+    )
+    md += common.markdown_table(
+        ["engine", "weights", "threads", "batch", "decode tokens/s (median)", "p20-p80", "reps"], table
+    )
+    md += (
+        "\ntokens/s = batch * (new tokens - 1) / (time from the first token's pick to the last's): the prompt's "
+        "forward is not counted. Routes ran interleaved, one measurement of each per repetition.\n"
+    )
+    if payload["skipped"]:
+        md += "\nNot measured: " + "; ".join(payload["skipped"]) + ".\n"
+    return md
+
+
+def plot(rows: list[Row], stamp: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    routes = list(dict.fromkeys(r.route for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(routes) + 2), 4))
+    width = 0.8 / len(BATCHES)
+    for i, batch in enumerate(BATCHES):
+        xs, ys, lo, hi = [], [], [], []
+        for j, route in enumerate(routes):
+            row = next((r for r in rows if r.route == route and r.batch == batch), None)
+            if row is not None:
+                b = row.tokens_per_s
+                xs.append(j + i * width)
+                ys.append(b.median)
+                lo.append(b.median - b.p20)
+                hi.append(b.p80 - b.median)
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=f"batch {batch}")
+    ax.set_xticks([j + width / 2 for j in range(len(routes))])
+    ax.set_xticklabels([r.name.replace(", ", "\n") for r in routes], fontsize=8)
+    ax.set_ylabel("decode tokens/s (median, p20-p80)")
+    ax.set_title(f"Qwen2.5-Coder-0.5B decode\n{stamp['device']}", fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the Qwen2.5-Coder-0.5B-Instruct Q4 .gguf file")
+    ap.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per row (>= 2)")
+    ap.add_argument("--reps", type=int, default=3, help="measurements of each route and batch")
+    ap.add_argument("--weights", default="fp32,bf16,int8wo", help="torch routes (int8wo needs torchao)")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp reference")
+    common.add_output_args(ap, default_tag="generate-cpu")
+    args = ap.parse_args(argv)
+    if args.new_tokens < 2:
+        raise SystemExit(f"--new-tokens must be >= 2 (decode time runs from the first pick), got {args.new_tokens}")
+    if not os.path.isfile(args.model):
+        raise SystemExit(f"--model must be a .gguf file, got {args.model!r} (bash tools/fetch_qwen_gguf.sh OUT.gguf)")
+    dirty = common.check_tree(args.out_dir, args.allow_dirty)
+    all_threads = torch.get_num_threads()
+    thread_counts = list(dict.fromkeys([1, all_threads]))
+    skipped = []
+
+    model, tokenizer = load_model(args.model, dtype=torch.float32)
+    questions = [r["question"] for r in read_records(DEMO_PROBLEMS_PATH)][: max(BATCHES)]
+    if len(questions) < max(BATCHES):
+        raise SystemExit(f"batch {max(BATCHES)} needs {max(BATCHES)} demo problems, found {len(questions)}")
+    prompts = [build_prompt_ids(tokenizer, q) for q in questions]
+    models = {}
+    for weights in args.weights.split(","):
+        if weights == "fp32":
+            models[weights] = model
+        elif weights == "bf16":
+            models[weights] = copy.deepcopy(model).to(torch.bfloat16)
+        elif weights == "int8wo":
+            if importlib.util.find_spec("torchao") is None:
+                skipped.append("torch int8wo (torchao is not installed)")
+                continue
+            models[weights] = int8_weight_only(model)
+        else:
+            raise SystemExit(f"unknown --weights entry {weights!r}: fp32, bf16 or int8wo")
+    decoders: dict[tuple[Route, int], Callable[[list[list[int]], int], float]] = {}
+    for (weights, m), threads, batch in itertools.product(models.items(), thread_counts, BATCHES):
+        decoders[(Route("torch", weights, threads), batch)] = torch_decoder(ModelAdapter(m), threads)
+    if args.no_llama_cpp:
+        skipped.append("llama.cpp (--no-llama-cpp)")
+    elif importlib.util.find_spec("llama_cpp") is None:
+        skipped.append("llama.cpp (llama-cpp-python is not installed)")
+    else:
+        for threads in thread_counts:
+            decoders[(Route("llama.cpp", "gguf", threads), 1)] = llama_cpp_decoder(args.model, threads)
+        skipped.append("llama.cpp at batch 8 (llama-cpp-python's Llama decodes one sequence)")
+
+    for (_, batch), decode in decoders.items():  # warm-up: allocations, oneDNN primitives, llama.cpp graphs
+        decode(prompts[:batch], 4)
+    times: dict[tuple[Route, int], list[float]] = {key: [] for key in decoders}
+    for rep in range(args.reps):
+        for (route, batch), decode in decoders.items():
+            times[(route, batch)].append(decode(prompts[:batch], args.new_tokens))
+            tps = batch * (args.new_tokens - 1) / times[(route, batch)][-1]
+            print(f"rep {rep + 1}/{args.reps}: {route.name}, batch {batch}: {tps:.1f} tokens/s", flush=True)
+    torch.set_num_threads(all_threads)
+
+    rows = [Row(route, batch, args.new_tokens, tuple(t)) for (route, batch), t in times.items()]
+    payload = {
+        "stamp": common.stamp("cpu", dirty),
+        "command": common.command_line(sys.argv if argv is None else [__file__, *argv]),
+        "setup": {
+            "model_file": os.path.basename(args.model),
+            "model_sha256": sha256(args.model),
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "prompt_tokens": [len(p) for p in prompts],
+            "new_tokens": args.new_tokens,
+            "reps": args.reps,
+            "versions": {name: _version(name) for name in ("transformers", "torchao", "llama_cpp_python")},
+        },
+        "skipped": skipped,
+        "rows": [
+            {**dataclasses.asdict(r), "route_name": r.route.name, "tokens_per_s": dataclasses.asdict(r.tokens_per_s)}
+            for r in rows
+        ],
+    }
+    md = to_markdown(payload, rows)
+    json_path, md_path = common.write_results(args.tag, payload, md, args.out_dir)
+    plot(rows, payload["stamp"], args.out_dir / f"{args.tag}.png")
+    print(md)
+    print(f"wrote {args.tag}.json, .md and .png")
+
+
+if __name__ == "__main__":
+    main()
