@@ -1,0 +1,42 @@
+"""benchmarks/bench_generate.py without the GGUF: the tokens/s arithmetic and the torch route's decode clock."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_generate  # noqa: E402
+
+
+def test_tokens_per_s_counts_every_row_and_excludes_the_first_pick():
+    row = bench_generate.Row(bench_generate.Route("torch", "fp32", 2), batch=8, new_tokens=5, decode_s=(2.0, 4.0, 1.0))
+    band = row.tokens_per_s
+    assert (band.median, band.runs) == (16.0, 3)  # 8 rows * 4 decode steps / 2 s
+    assert row.route.name == "torch fp32, 2 threads"
+
+
+def test_torch_decoder_runs_every_row_to_the_cap_on_its_threads():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from latentseek import ModelAdapter
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = Qwen2ForCausalLM(config).eval().requires_grad_(False)
+    threads = torch.get_num_threads()
+    try:
+        decode = bench_generate.torch_decoder(ModelAdapter(model), 1)
+        seconds = decode([[1, 2, 3], [4, 5]], 6)
+        assert torch.get_num_threads() == 1
+        assert seconds > 0
+    finally:
+        torch.set_num_threads(threads)
