@@ -15,6 +15,8 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(params=DEVICES)
+@pytest.fixture(scope="module", params=DEVICES)
 def device(request):
+    """Every device at hand (CUDA only where present: no skipped CUDA cases without one). Module-scoped, so that the
+    engine tests' module-scoped model fixtures can build their tiny model on it."""
     return request.param

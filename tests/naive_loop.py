@@ -25,24 +25,35 @@ class Scripted:
         return self.script[min(i, len(self.script) - 1)]
 
 
-def naive_generate(model, ids: list[int], max_new: int, stop: set[int]) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding with a full forward over the whole sequence for every token, as the original did."""
+def naive_generate(
+    model, ids: list[int], max_new: int, stop: set[int], *, all_logits: bool = False
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding with a full forward over the whole sequence for every token, as the original did.
+
+    With ``all_logits`` the LM head runs over every position, as ``model(ids).logits`` does in the original (its
+    cost, for the benchmark); the token is the last position's argmax either way.
+    """
     tokens, hidden = [], []
     with torch.no_grad():
         for _ in range(max_new):
-            h = model.model(torch.tensor([ids + tokens])).last_hidden_state[0, -1]
-            tokens.append(int(model.lm_head(h).argmax()))
+            states = model.model(torch.tensor([ids + tokens], device=model.device)).last_hidden_state[0]
+            h = states[-1]
+            logits = model.lm_head(states)[-1] if all_logits else model.lm_head(h)
+            tokens.append(int(logits.argmax()))
             hidden.append(h)
             if tokens[-1] in stop:
                 break
     return tokens, hidden
 
 
-def naive_latentseek(model, tok, question: str, reward, cfg: LatentSeekConfig) -> tuple[list[list[int]], list[float]]:
-    """LatentSeek as the paper's code runs it (plus this project's stop-token-in-prefix rule)."""
+def naive_latentseek(
+    model, tok, question: str, reward, cfg: LatentSeekConfig, *, all_logits: bool = False
+) -> tuple[list[list[int]], list[float]]:
+    """LatentSeek as the paper's code runs it (plus this project's stop-token-in-prefix rule); ``all_logits``: see
+    :func:`naive_generate`."""
     stop = set(stop_token_ids(tok, model))
     prompt = build_prompt_ids(tok, question)
-    answer, hidden = naive_generate(model, prompt, cfg.max_new_tokens, stop)
+    answer, hidden = naive_generate(model, prompt, cfg.max_new_tokens, stop, all_logits=all_logits)
     answers, rewards = [answer], [reward(question, tok.decode(answer, skip_special_tokens=True))]
     start = cfg.start_index
     L = min(int(cfg.rho * len(answer)), MAX_UPDATE_LENGTH, len(answer) - start)
@@ -68,7 +79,7 @@ def naive_latentseek(model, tok, question: str, reward, cfg: LatentSeekConfig) -
             new = answer[:start] + prefix[: cut + 1]
         else:
             new = answer[:start] + prefix
-            new += naive_generate(model, prompt + new, cfg.max_new_tokens, stop)[0]
+            new += naive_generate(model, prompt + new, cfg.max_new_tokens, stop, all_logits=all_logits)[0]
         answers.append(new)
         rewards.append(reward(question, tok.decode(new, skip_special_tokens=True)))
     return answers, rewards

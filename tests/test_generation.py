@@ -1,14 +1,18 @@
-"""latentseek.generation: KV-cached batched generation against full forwards without cache."""
+"""latentseek.generation: KV-cached batched generation against full forwards without cache; the static-shape decode
+step (decode="graph") against the eager one; on every device of conftest.DEVICES."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import latentseek.static_decode as static_decode
+from conftest import DEVICES
 from latentseek.chat import build_prompt_ids, stop_token_ids
 from latentseek.generation import extend, generate, sampling_picker
 from latentseek.kv_cache import PrefixCache
 from latentseek.model import ModelAdapter
+from latentseek.static_decode import bucket, default_decode
 from tiny_lm import QUESTIONS, tiny_model, tiny_tokenizer
 
 MAX_NEW = 24
@@ -20,8 +24,8 @@ def tok():
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama"])
-def adapter(request, tok):
-    return ModelAdapter(tiny_model(request.param, vocab_size=len(tok)))
+def adapter(request, tok, device):
+    return ModelAdapter(tiny_model(request.param, vocab_size=len(tok), device=device))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,7 @@ def prompts(tok):
 def full_forward_hidden(adapter: ModelAdapter, ids: list[int]) -> torch.Tensor:
     """The last position's post-norm hidden state from a forward over the whole sequence, no cache."""
     with torch.no_grad():
-        return adapter.hidden(torch.tensor([ids]))[0, -1]
+        return adapter.hidden(torch.tensor([ids], device=adapter.device))[0, -1]
 
 
 def test_hidden_states_equal_model_forward(adapter, tok, prompts):
@@ -104,7 +108,7 @@ def _fresh_cache(adapter, ids):
 
     cache = DynamicCache()
     with torch.no_grad():
-        adapter.hidden(torch.tensor([ids]), cache=cache)
+        adapter.hidden(torch.tensor([ids], device=adapter.device), cache=cache)
     return [(layer.keys, layer.values) for layer in cache.layers], len(ids)
 
 
@@ -197,3 +201,143 @@ def test_stop_tokens_include_eos_and_the_end_of_turn_token():
     assert ids[0] == tok.convert_tokens_to_ids("<|endoftext|>")
     assert 7 in ids
     assert tok.convert_tokens_to_ids("<|im_end|>") in ids  # found from the template, not from eos
+
+
+# --- the static-shape decode step (decode="graph") -----------------------------------------------------------------
+
+
+def assert_same_generation(got, want) -> None:
+    """Same tokens and stops; hidden states and kept prefixes equal to float32 rounding."""
+    assert got.tokens == want.tokens
+    assert got.stopped == want.stopped
+    if want.hidden is not None:
+        for g, w in zip(got.hidden, want.hidden, strict=True):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
+    for g, w in zip(got.prefixes, want.prefixes, strict=True):
+        assert (g is None) == (w is None)
+        if w is not None:
+            assert g.length == w.length
+            for (k, v), (k0, v0) in zip(g.layers, w.layers, strict=True):
+                torch.testing.assert_close(k, k0, atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(v, v0, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 4, 6], ids=["1-row", "4-rows", "6-rows-bucket-8"])
+def test_graph_decode_equals_eager(adapter, tok, prompts, n):
+    """Prompts of different lengths, rows stopping at different steps, padding rows (6 rows run in bucket 8), rows
+    moving to smaller buckets, kept prefixes: the same tokens, hidden states and caches as the eager steps."""
+    batch = (prompts * 2)[:n]
+    keep = [len(p) + 3 for p in batch]
+    stop = stop_token_ids(tok, adapter)
+    kw = dict(return_hidden=True, keep_prefix=keep)
+    want = extend(adapter, [(None, p) for p in batch], MAX_NEW, stop, decode="eager", **kw)
+    got = extend(adapter, [(None, p) for p in batch], MAX_NEW, stop, decode="graph", **kw)
+    assert_same_generation(got, want)
+    if n > 1:
+        assert len({len(t) for t in want.tokens}) > 1, "the rows must stop at different steps"
+
+
+def test_graph_decode_after_prefix_caches_equals_eager(adapter, tok, prompts):
+    """Rows with caches of different lengths and new tokens of different lengths (padding in the middle)."""
+    extra = [[5, 6, 7], [], [8], [9, 10, 11, 12, 13]]
+    new = [[14], [15, 16, 17, 18], [19, 20], [21]]
+    seqs = [p + e for p, e in zip(prompts, extra, strict=True)]
+    first = extend(adapter, [(None, s) for s in seqs], 1, [], keep_prefix=[len(s) for s in seqs])
+    rows = list(zip(first.prefixes, new, strict=True))
+    stop = stop_token_ids(tok, adapter)
+    keep = [len(s) + len(t) + 2 for s, t in zip(seqs, new, strict=True)]
+    kw = dict(return_hidden=True, keep_prefix=keep)
+    want = extend(adapter, rows, MAX_NEW, stop, decode="eager", **kw)
+    assert_same_generation(extend(adapter, rows, MAX_NEW, stop, decode="graph", **kw), want)
+
+
+def test_graph_decode_samples_like_eager(adapter, tok, prompts):
+    kw = dict(do_sample=True, temperature=1.5, top_p=0.9, seed=5)
+    want = generate(adapter, tok, prompts, MAX_NEW, decode="eager", **kw)
+    assert generate(adapter, tok, prompts, MAX_NEW, decode="graph", **kw).tokens == want.tokens
+
+
+def test_graph_decode_runs_the_bucket_of_the_running_rows(adapter, tok, prompts, monkeypatch):
+    """Every step runs bucket(running rows): 5 rows start in bucket 8, which shrinks as rows stop."""
+    buckets = []
+    step = static_decode.StaticDecoder.step
+
+    def spy(self):
+        buckets.append(self.b)
+        return step(self)
+
+    monkeypatch.setattr(static_decode.StaticDecoder, "step", spy)
+    batch = prompts + prompts[:1]
+    out = extend(adapter, [(None, p) for p in batch], MAX_NEW, stop_token_ids(tok, adapter), decode="graph")
+    lengths = [len(t) for t in out.tokens]
+    # decode step s (1-based) produces token s + 1 of the rows that have one
+    assert buckets == [bucket(sum(n > s for n in lengths)) for s in range(1, max(lengths))]
+    assert buckets[0] == 8 and buckets[-1] < 8, "the bucket must shrink in this batch"
+
+
+def test_graph_decode_with_eager_attention_equals_eager(tok, prompts, device):
+    """The additive mask the eager attention implementation takes."""
+    adapter = ModelAdapter(tiny_model("qwen2", vocab_size=len(tok), device=device, attn_implementation="eager"))
+    assert adapter.model.config._attn_implementation == "eager"
+    stop = stop_token_ids(tok, adapter)
+    want = extend(adapter, [(None, p) for p in prompts], MAX_NEW, stop, return_hidden=True, decode="eager")
+    got = extend(adapter, [(None, p) for p in prompts], MAX_NEW, stop, return_hidden=True, decode="graph")
+    assert_same_generation(got, want)
+
+
+def test_graph_decode_refuses_what_it_cannot_run(tok, prompts):
+    sliding = ModelAdapter(
+        tiny_model("qwen2", vocab_size=len(tok), use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    )
+    with pytest.raises(ValueError, match="full attention.*sliding_attention.*decode='eager'"):
+        generate(sliding, tok, prompts, 4, decode="graph")
+    generate(sliding, tok, prompts, 4, decode="eager")
+    with pytest.raises(ValueError, match="decode must be one of"):
+        generate(sliding, tok, prompts, 4, decode="cuda-graph")
+
+
+def test_buckets_are_powers_of_two():
+    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 33, 64, 65)] == [1, 2, 4, 4, 8, 8, 16, 64, 64, 128]
+    with pytest.raises(ValueError, match="at least one row"):
+        bucket(0)
+
+
+def test_eager_is_the_default_decode_until_a_gpu_verifies_the_graph_path():
+    assert default_decode("cpu") == "eager"
+    assert default_decode("cuda") == "eager"
+
+
+@pytest.mark.parametrize("decode", ["eager", "graph"])
+def test_logits_only_for_the_last_position(adapter, tok, prompts, decode, monkeypatch):
+    """The prefill and every step compute logits for one position per row, never for the whole sequence; the
+    model's own LM-head forward (which would make logits for every position) never runs."""
+    shapes = []
+    logits = adapter.logits
+    monkeypatch.setattr(adapter, "logits", lambda h: shapes.append(tuple(h.shape)) or logits(h))
+    head = adapter.model.get_output_embeddings().register_forward_hook(lambda *args: shapes.append("lm_head"))
+    try:
+        out = generate(adapter, tok, prompts, MAX_NEW, decode=decode)
+    finally:
+        head.remove()
+    rows = bucket(len(prompts)) if decode == "graph" else len(prompts)
+    assert shapes[0] == (len(prompts), adapter.hidden_size)  # the prefill: one row per prompt
+    assert all(s != "lm_head" and len(s) == 2 and s[0] <= rows for s in shapes)
+    if not (decode == "graph" and adapter.device.type == "cuda"):  # replayed graphs call no Python
+        assert len(shapes) == max(len(t) for t in out.tokens)
+
+
+CUDA_DEVICES = [d for d in DEVICES if d != "cpu"]
+if CUDA_DEVICES:  # generated only where a GPU is present (no skipped cases elsewhere)
+
+    @pytest.mark.parametrize("decode", ["eager", "graph"])
+    @pytest.mark.parametrize("arch", ["qwen2", "llama"])
+    @pytest.mark.parametrize("cuda", CUDA_DEVICES)
+    def test_float32_on_cuda_equals_cpu(tok, prompts, cuda, arch, decode):
+        """The same math on both devices: the same tokens; hidden states equal up to the kernels' rounding."""
+        cpu = ModelAdapter(tiny_model(arch, vocab_size=len(tok)))
+        gpu = ModelAdapter(tiny_model(arch, vocab_size=len(tok), device=cuda))
+        want = generate(cpu, tok, prompts, MAX_NEW, return_hidden=True, decode="eager")
+        got = generate(gpu, tok, prompts, MAX_NEW, return_hidden=True, decode=decode)
+        assert got.tokens == want.tokens
+        for g, w in zip(got.hidden, want.hidden, strict=True):
+            torch.testing.assert_close(g.cpu(), w, atol=1e-4, rtol=1e-4)

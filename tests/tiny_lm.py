@@ -39,8 +39,11 @@ def tiny_tokenizer(eos_token: str = "<|im_end|>") -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_model(arch: str = "qwen2", *, vocab_size: int, tie: bool = False, seed: int = 0, **overrides):
-    """A 2-layer random causal LM in float32, eval mode, no grad.
+def tiny_model(
+    arch: str = "qwen2", *, vocab_size: int, tie: bool = False, seed: int = 0, device: str = "cpu", **overrides
+):
+    """A 2-layer random causal LM in float32 on `device` (the weights drawn on the CPU: the same on every device),
+    eval mode, no grad.
 
     The weights are drawn with std 0.2 (not the usual 0.02) so that the logits are far from uniform: greedy
     decoding then has clear margins (no near-ties that rounding could flip) and emits EOS at varied lengths.
@@ -68,4 +71,4 @@ def tiny_model(arch: str = "qwen2", *, vocab_size: int, tie: bool = False, seed:
     else:
         raise ValueError(arch)
     model.float().eval().requires_grad_(False)
-    return model
+    return model.to(device)

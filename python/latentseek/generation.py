@@ -9,7 +9,8 @@ first ``C = max c_i`` columns and the new tokens right-aligned in the next ``T =
 is padding with attention mask 0, so a row may have padding in the middle (between its cache and its new tokens).
 Position ids count only the row's own tokens (``cumsum(mask) - 1``), so every token sits at its true position
 whatever the padding, and a row's keys and values do not depend on the other rows. Rows leave the batch (their
-cache rows are dropped) as soon as they stop.
+cache rows are dropped) as soon as they stop. With ``decode="graph"`` the decode steps keep static shapes instead
+(:mod:`latentseek.static_decode`: stopped rows stay in a batch-size bucket until the running rows fit a smaller one).
 
 Sliding-window attention is applied over cache columns, so with padding in the middle the window of a row that
 is longer than the window covers a few pad columns; rows shorter than the window are unaffected.
@@ -25,6 +26,16 @@ import torch
 from .chat import stop_token_ids
 from .kv_cache import PrefixCache, batch_cache, new_cache, take_prefix
 from .model import ModelAdapter
+from .progress import decode_reporter
+from .static_decode import (
+    Decode,
+    StaticDecoder,
+    bucket,
+    check_decode,
+    check_graph_support,
+    default_decode,
+    static_capacity,
+)
 
 # A picker turns the last logits [b, V] of the rows still running (their indices in the call) into tokens [b].
 Picker = Callable[[torch.Tensor, list[int]], torch.Tensor]
@@ -99,6 +110,7 @@ def extend(
     picker: Picker | None = None,
     return_hidden: bool = False,
     keep_prefix: Sequence[int] | None = None,
+    decode: Decode | None = None,
 ) -> Generation:
     """Feed each row's new tokens after its cached prefix (if any), then decode until a stop token or the cap.
 
@@ -112,6 +124,10 @@ def extend(
         return_hidden: also return the hidden state behind every generated token.
         keep_prefix: per row, how many leading tokens of its sequence (prefix + new tokens + generated) to keep as
             a :class:`PrefixCache` (at most the tokens the model has seen: all but the last generated one).
+        decode: how the decode steps run: ``"eager"`` (the reference) or ``"graph"`` (the static-shape step of
+            :mod:`latentseek.static_decode`, captured in CUDA graphs on CUDA); None:
+            :func:`~latentseek.static_decode.default_decode` of the adapter's device. The prefill is eager either way,
+            and only the last position of each row gets logits.
 
     Returns:
         a :class:`Generation`.
@@ -120,9 +136,12 @@ def extend(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if any(len(tokens) == 0 for _, tokens in rows):
         raise ValueError("every row needs at least one new token")
+    device, n = adapter.device, len(rows)
+    decode = default_decode(device) if decode is None else check_decode(decode)
+    if decode == "graph":
+        check_graph_support(adapter)
     picker = picker or greedy_picker()
     stop = set(int(s) for s in stop_ids)
-    device, n = adapter.device, len(rows)
     cached = [0 if prefix is None else prefix.length for prefix, _ in rows]
     C, T = max(cached, default=0), max((len(tokens) for _, tokens in rows), default=0)
     mask = torch.zeros(n, C + T, dtype=torch.long)
@@ -133,21 +152,30 @@ def extend(
         input_ids[i, T - len(tokens) :] = torch.as_tensor(list(tokens), dtype=torch.long)
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)[:, C:]
     capacity = C + T + max_new_tokens
+    buffer_rows = 0
+    if decode == "graph":
+        capacity, buffer_rows = static_capacity(capacity), bucket(n)
     if C > 0:
-        cache = batch_cache(adapter, [prefix for prefix, _ in rows], C, capacity)
+        cache = batch_cache(adapter, [prefix for prefix, _ in rows], C, capacity, buffer_rows)
     else:
-        cache = new_cache(adapter, capacity)
+        cache = new_cache(adapter, capacity, buffer_rows)
     mask, input_ids, positions = mask.to(device), input_ids.to(device), positions.to(device)
 
     tokens: list[list[int]] = [[] for _ in range(n)]
     hidden: list[list[torch.Tensor]] = [[] for _ in range(n)]
     stopped = [False] * n
     prefixes: list[PrefixCache | None] = [None] * n
-    active = list(range(n))  # call row index of each batch row
+    active = list(range(n))  # call row index of each running row
+    h = adapter.hidden(input_ids, mask, positions, cache)[:, -1]  # the prefill; logits of the last position only
+    logits = adapter.logits(h)
     next_position = positions[:, -1] + 1
-    while active:
-        h = adapter.hidden(input_ids, mask, positions, cache)[:, -1]
-        chosen = picker(adapter.logits(h), active)
+    static = StaticDecoder(adapter, cache, mask) if decode == "graph" else None
+    slots = list(range(n))  # graph path: the static buffers' row of each running row
+    slot_index = torch.arange(n, device=device)
+    report = decode_reporter()  # None unless a progress.reporting block listens
+    generated = 0
+    while True:
+        chosen = picker(logits, active)
         finished = []
         for j, (row, token) in enumerate(zip(active, chosen.tolist(), strict=True)):
             tokens[row].append(token)
@@ -157,20 +185,48 @@ def extend(
                 stopped[row] = True
             if token in stop or len(tokens[row]) >= max_new_tokens:
                 finished.append(j)
+        generated += len(active)
+        if report is not None:
+            report(generated, len(active) - len(finished))
         if finished:
             if keep_prefix is not None:
+                if static is None:
+                    kv, kv_mask, where = (
+                        [(layer.keys, layer.values) for layer in cache.layers],
+                        mask,
+                        range(len(active)),
+                    )
+                else:
+                    kv, kv_mask, where = static.filled_kv(), static.filled_mask, slots
                 for j in finished:
-                    prefixes[active[j]] = take_prefix(cache, mask, j, keep_prefix[active[j]])
-            keep = [j for j in range(len(active)) if j not in set(finished)]
+                    prefixes[active[j]] = take_prefix(kv, kv_mask, where[j], keep_prefix[active[j]])
+            done = set(finished)
+            keep = [j for j in range(len(active)) if j not in done]
             if not keep:
                 break
             index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, chosen, next_position = mask[index], chosen[index], next_position[index]
+            chosen, next_position = chosen[index], next_position[index]
             active = [active[j] for j in keep]
-        input_ids, positions = chosen[:, None], next_position[:, None]
+            if static is None:
+                cache.batch_select_indices(index)
+                mask = mask[index]
+            else:
+                slots = [slots[j] for j in keep]
+                if bucket(len(slots)) < static.b:
+                    static.compact(slots)
+                    slots = list(range(len(slots)))
+                slot_index = torch.tensor(slots, device=device)
+        if static is None:
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            h = adapter.hidden(chosen[:, None], mask, next_position[:, None], cache)[:, -1]
+            logits = adapter.logits(h)
+        else:
+            static.feed(slot_index, chosen, next_position)
+            h_all, logits_all = static.step()
+            h, logits = _rows(h_all, slots, slot_index), _rows(logits_all, slots, slot_index)
+            if return_hidden and h.data_ptr() == h_all.data_ptr():
+                h = h.clone()  # the static buffer is overwritten by the next step
         next_position = next_position + 1
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
 
     return Generation(
         tokens=tokens,
@@ -179,6 +235,13 @@ def extend(
         prefixes=prefixes,
         prefill_tokens=sum(len(t) for _, t in rows),
     )
+
+
+def _rows(t: torch.Tensor, slots: list[int], index: torch.Tensor) -> torch.Tensor:
+    """Rows ``slots`` of ``t``: a view when they are the first rows in order, else a gathered copy."""
+    if slots == list(range(len(slots))):
+        return t[: len(slots)]
+    return t.index_select(0, index)
 
 
 def generate(
@@ -193,6 +256,7 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     return_hidden: bool = False,
+    decode: Decode | None = None,
 ) -> Generation:
     """Generate a continuation for each prompt, all prompts in one left-padded, KV-cached batch.
 
@@ -208,6 +272,7 @@ def generate(
             top-p nucleus.
         seed: sampling seed; row r's draws depend only on ``(seed, r)``, so the same call gives the same samples.
         return_hidden: also return the post-norm hidden state behind every generated token.
+        decode: ``"eager"`` or ``"graph"`` decode steps (see :func:`extend`); None: the device's default.
 
     Returns:
         a :class:`Generation` (tokens per row, stop token included when produced; ``hidden`` on request).
@@ -226,5 +291,11 @@ def generate(
     stop = stop_token_ids(tokenizer, adapter) if stop_ids is None else list(stop_ids)
     picker = sampling_picker(temperature, top_p, seed, len(prompts)) if do_sample else greedy_picker()
     return extend(
-        adapter, [(None, p) for p in prompts], max_new_tokens, stop, picker=picker, return_hidden=return_hidden
+        adapter,
+        [(None, p) for p in prompts],
+        max_new_tokens,
+        stop,
+        picker=picker,
+        return_hidden=return_hidden,
+        decode=decode,
     )

@@ -34,18 +34,26 @@ class _BufferLayer(DynamicLayer):
     transformers' DynamicLayer concatenates the whole cache for every new token, which copies O(length) memory per
     token (a fifth of a batch-8 decode step on CPU at 300 tokens); here a token costs O(1). ``keys`` / ``values``
     are views of the filled part, as the models expect. :func:`extend` knows the capacity a call needs.
+
+    The buffer (``storage_keys`` / ``storage_values``, ``[rows, kv_heads, capacity, head_dim]``) may have more rows
+    than the batch (``rows``): the static decode step of :mod:`latentseek.static_decode` runs a batch-size bucket
+    over the first rows, and the extra rows are its padding.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, rows: int = 0) -> None:
         super().__init__()
         self.capacity = capacity
+        self.rows = rows
         self.length = 0
 
     def allocate(self, batch: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
-        """Zeroed buffers for ``batch`` rows with the heads, head size, dtype and device of the given tensors."""
+        """Zeroed buffers for ``max(batch, rows)`` rows, the first ``batch`` in use, with the heads, head size, dtype
+        and device of the given tensors."""
         self.dtype, self.device = key_like.dtype, key_like.device
-        self._keys = key_like.new_zeros(batch, key_like.shape[1], self.capacity, key_like.shape[3])
-        self._values = value_like.new_zeros(batch, value_like.shape[1], self.capacity, value_like.shape[3])
+        rows = max(batch, self.rows)
+        self.storage_keys = key_like.new_zeros(rows, key_like.shape[1], self.capacity, key_like.shape[3])
+        self.storage_values = value_like.new_zeros(rows, value_like.shape[1], self.capacity, value_like.shape[3])
+        self._keys, self._values = self.storage_keys[:batch], self.storage_values[:batch]
         self.is_initialized = True
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -72,13 +80,16 @@ class _BufferLayer(DynamicLayer):
         self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
 
 
-def new_cache(adapter: ModelAdapter, capacity: int) -> Cache:
-    return Cache(layers=[_BufferLayer(capacity) for _ in range(adapter.num_layers)])
+def new_cache(adapter: ModelAdapter, capacity: int, rows: int = 0) -> Cache:
+    """An empty cache of ``capacity`` columns; its buffers get ``max(batch, rows)`` rows on the first forward."""
+    return Cache(layers=[_BufferLayer(capacity, rows) for _ in range(adapter.num_layers)])
 
 
-def batch_cache(adapter: ModelAdapter, prefixes: Sequence[PrefixCache | None], columns: int, capacity: int) -> Cache:
+def batch_cache(
+    adapter: ModelAdapter, prefixes: Sequence[PrefixCache | None], columns: int, capacity: int, rows: int = 0
+) -> Cache:
     """A cache whose first ``columns`` columns hold each row's prefix right-aligned (zeros, masked out, elsewhere)."""
-    cache = new_cache(adapter, capacity)
+    cache = new_cache(adapter, capacity, rows)
     like = next(p for p in prefixes if p is not None and p.length > 0)
     for i, layer in enumerate(cache.layers):
         layer.allocate(len(prefixes), *like.layers[i])
@@ -92,11 +103,16 @@ def batch_cache(adapter: ModelAdapter, prefixes: Sequence[PrefixCache | None], c
     return cache
 
 
-def take_prefix(cache: Cache, mask: torch.Tensor, row: int, length: int) -> PrefixCache:
-    """Copy the keys and values of the first ``length`` real tokens of batch row ``row``."""
+def take_prefix(
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, row: int, length: int
+) -> PrefixCache:
+    """Copy the keys and values of the first ``length`` real tokens of batch row ``row``.
+
+    ``layers`` holds each layer's ``(keys, values)`` ``[batch, kv_heads, columns, head_dim]`` and ``mask`` the
+    matching ``[batch, columns]`` attention mask (nonzero where a column holds one of the row's tokens).
+    """
     columns = mask[row].nonzero()[:length, 0]
-    layers = [
-        (layer.keys[row : row + 1, :, columns].clone(), layer.values[row : row + 1, :, columns].clone())
-        for layer in cache.layers
+    kept = [
+        (keys[row : row + 1, :, columns].clone(), values[row : row + 1, :, columns].clone()) for keys, values in layers
     ]
-    return PrefixCache(layers, int(columns.numel()))
+    return PrefixCache(kept, int(columns.numel()))
