@@ -25,4 +25,9 @@ TORCH_LIBRARY(latentseek_ext, m) {
   m.def(
       "lm_head_logprob(Tensor hidden, Tensor weight, Tensor? tokens=None, Tensor? bias=None, "
       "bool with_grad=True) -> (Tensor logp, Tensor tokens, Tensor dlogp_dhidden)");
+  // The CPU kernel's paths for 16-bit inputs (latentseek/cpu_paths.h): those this machine can run (widen, bf16,
+  // fp16), and the one a call in `dtype` takes now (LATENTSEEK_CPU_PATH or the automatic choice; fp32 / fp64 for
+  // those dtypes). For tests and benchmarks.
+  m.def("cpu_paths() -> str[]");
+  m.def("cpu_path(ScalarType dtype) -> str");
 }

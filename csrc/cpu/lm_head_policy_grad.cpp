@@ -1,17 +1,29 @@
 // CPU kernel of lm_head_policy_grad / lm_head_logprob: one pass over W in vocabulary tiles.
 //
 // Work is split into items (a block of rows x a slice of the vocabulary) run by at::parallel_for. For each tile
-// of W (TV rows) an item computes, with ATen's fp32 GEMM (MKL / oneDNN):
-//   L   = Z_blk @ W_t^T                       (RB x TV logits, float32; bf16/fp16 tiles are widened first)
+// of W (TV rows) an item computes
+//   L   = Z_blk @ W_t^T                       (RB x TV logits, float32)
 // then per row, in a vectorised loop: bias, tile max / argmax / NaN position, the rescale of the running state
 // (latentseek/online_softmax.h) and L <- exp(L - m) in place, summed into s; finally
 //   acc += L @ W_t                            (RB x H accumulator, float32, only when the gradient is wanted)
-// Nothing of size N x V is ever allocated: per item RB x TV logits, TV x H widened weights, RB x H accumulator.
+// Nothing of size N x V is ever allocated: per item RB x TV logits, TV x H packed weights, RB x H accumulator.
 // Vocabulary slices of the same rows are merged at the end by rescaling to the common max.
 //
-// All arithmetic happens in float32 (float64 for float64 inputs): the products of bf16/fp16 values are exact in
-// float32, so the logits equal those of an fp32 GEMM on the upcast inputs. On this project's CPUs (AVX2, no
-// AMX / AVX512-BF16) ATen's bf16 GEMM is several times slower than its fp32 GEMM, which is why tiles are widened.
+// The two products of bf16/fp16 inputs take one of two paths, chosen per call from the CPU's capability
+// (latentseek/cpu_paths.h, which also holds the LATENTSEEK_CPU_PATH override):
+// - widen: the W tile is widened to fp32 and both products run in ATen's fp32 GEMM (MKL). Without bf16/fp16 matrix
+//   units (an AVX2 or plain AVX-512 CPU) ATen's 16-bit GEMMs are emulated and several times slower than fp32.
+// - units (AMX, AVX512-BF16, AVX512-FP16): both products run on the 16-bit operands with fp32 accumulation and
+//   fp32 output through oneDNN's brgemm ukernel (UnitsTile below).
+// fp32 and fp64 inputs use ATen's GEMM in their own dtype.
+//
+// Precision. The logits are accumulated and kept in float32 (float64 for float64 inputs) on every path: products of
+// bf16/fp16 values are exact in float32, so they equal the logits of an fp32 GEMM on the upcast inputs up to the
+// order of the sum. The units path rounds P to bf16/fp16 only as the operand of P W_t, as the CUDA kernel does
+// (its header has the argument): P = exp(L - m) is computed in fp32 against the running max m, so the maximum, and
+// the argmax x as p(x) -> 1, enters as exactly 1 and W[x] - acc/s stays accurate as the gradient vanishes; every
+// other entry carries a relative error <= 2^-8 (bf16) / 2^-11 (fp16); s is summed from the fp32 P; the accumulator
+// stays fp32. fp16 P is stored times 2^14 so that no probability is subnormal.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,10 +32,12 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
 #include "latentseek/checks.h"
+#include "latentseek/cpu_paths.h"
 #include "latentseek/entry.h"
 #include "latentseek/online_softmax.h"
 
@@ -39,6 +53,7 @@ constexpr int64_t kMaxRowBlock = 512;
 #define LS_X86_DISPATCH 1
 #define LS_ALWAYS_INLINE inline __attribute__((always_inline))
 #define LS_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LS_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 #include <immintrin.h>
 // The vector helpers are always inlined, so the AVX calling-convention note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -242,13 +257,11 @@ LS_TARGET_AVX2 void widen_avx2(const at::Half* in, float* out, int64_t n) {
     _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + j))));
   widen_impl(in + j, out + j, n - j);
 }
-const bool kHasAvx2 =
-    __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
 
 void update_rows(const TileRows<float>& t) {
 #if LS_X86_DISPATCH
-  if (kHasAvx2) return update_rows_avx2(t);
+  if (cpu_caps().avx2) return update_rows_avx2(t);
 #endif
   update_rows_impl(t);
 }
@@ -257,10 +270,183 @@ void update_rows(const TileRows<double>& t) { update_rows_impl(t); }
 template <typename scalar_t>
 void widen(const scalar_t* in, float* out, int64_t n) {
 #if LS_X86_DISPATCH
-  if (kHasAvx2) return widen_avx2(in, out, n);
+  if (cpu_caps().avx2) return widen_avx2(in, out, n);
 #endif
   widen_impl(in, out, n);
 }
+
+// --- The units path: bf16 / fp16 matrix units through oneDNN's brgemm (latentseek/cpu_paths.h) --------------------
+//
+// Per tile of tv rows of W (the contracted dimension of each product padded to even, as VNNI-2 pairs it):
+//   L^T = W_t Z^T        A = W_t [tv, H] as stored; B = Z^T in VNNI-2 ([H/2, N, 2], packed once per call)
+//   L   = (L^T)^T        fp32, so that the row update reads each row contiguously
+//   update_rows(L)       as on the widening path: L becomes P = exp(L - m) in fp32 and s is summed from it
+//   P16 = round(c P)     the only rounding: bf16 (c = 1) or fp16 (c = 2^14); the maximum enters as exactly c
+//   acc += P16 W_t       A = P16 [rows, tv]; B = W_t in VNNI-2 ([tv/2, H, 2], packed per tile); acc stays fp32
+// Computing W_t Z^T instead of Z W_t^T spares W a transpose: the small Z is packed once, and per tile the transpose
+// moves rows x tv logits instead of tv x H weights (the pair interleave of W_t for the second product is unavoidable).
+
+constexpr float kFp16PScale = 16384.0f;  // 2^14: fp16 P stays out of the subnormal range (as in the CUDA kernel)
+
+// Z^T in VNNI-2, [Hp/2, N, 2]: entry (k/2, n) holds (Z[n][k], Z[n][k+1]); an odd H pairs Z[n][H-1] with 0.
+template <typename scalar_t>
+void pack_z_vnni(const scalar_t* z, int64_t ldz, int64_t N, int64_t H, scalar_t* out) {
+  const int64_t pairs = (H + 1) / 2;
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t kp = 0; kp < pairs; ++kp) {
+        out[(kp * N + n) * 2] = z[n * ldz + 2 * kp];
+        out[(kp * N + n) * 2 + 1] = 2 * kp + 1 < H ? z[n * ldz + 2 * kp + 1] : scalar_t(0);
+      }
+  });
+}
+
+// W_t [tv, H] in VNNI-2, [tvp/2, H, 2]: entry (v/2, h) holds (W_t[v][h], W_t[v+1][h]); an odd tv pairs the last
+// row with 0. The 16-bit pair is one little-endian 32-bit word (x86, the only place this path runs).
+LS_ALWAYS_INLINE void pack_rows_vnni_impl(const uint16_t* w, int64_t tv, int64_t H, uint32_t* out) {
+  for (int64_t vp = 0; vp < tv / 2; ++vp) {
+    const uint16_t* r0 = w + 2 * vp * H;
+    const uint16_t* r1 = r0 + H;
+    uint32_t* o = out + vp * H;
+    for (int64_t h = 0; h < H; ++h) o[h] = static_cast<uint32_t>(r0[h]) | (static_cast<uint32_t>(r1[h]) << 16);
+  }
+  if (tv & 1) {
+    const uint16_t* r0 = w + (tv - 1) * H;
+    uint32_t* o = out + (tv / 2) * H;
+    for (int64_t h = 0; h < H; ++h) o[h] = r0[h];
+  }
+}
+
+// out [C, R] = in [R, C]^T in 16 x 16 blocks.
+LS_ALWAYS_INLINE void transpose_impl(const float* in, int64_t R, int64_t C, float* out) {
+  constexpr int64_t B = 16;
+  for (int64_t r0 = 0; r0 < R; r0 += B) {
+    const int64_t r1 = std::min(R, r0 + B);
+    for (int64_t c0 = 0; c0 < C; c0 += B) {
+      const int64_t c1 = std::min(C, c0 + B);
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) out[c * R + r] = in[r * C + c];
+    }
+  }
+}
+
+// P [rows, tv] fp32 -> bf16 [rows, tvp], round to nearest even (NaN stays NaN), the odd column padded with 0.
+LS_ALWAYS_INLINE void round_p_impl(const float* p, int64_t rows, int64_t tv, int64_t tvp, at::BFloat16* out) {
+  uint16_t* o = reinterpret_cast<uint16_t*>(out);
+  for (int64_t i = 0; i < rows; ++i) {
+    const uint32_t* src = reinterpret_cast<const uint32_t*>(p + i * tv);
+    uint16_t* dst = o + i * tvp;
+    for (int64_t j = 0; j < tv; ++j) {
+      const uint32_t u = src[j];
+      const uint16_t r = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+      dst[j] = (u & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>(0x7fc0u) : r;
+    }
+    if (tvp > tv) dst[tv] = 0;
+  }
+}
+
+#if LS_X86_DISPATCH
+LS_TARGET_AVX512 void pack_rows_vnni(const uint16_t* w, int64_t tv, int64_t H, uint32_t* out) {
+  pack_rows_vnni_impl(w, tv, H, out);
+}
+// out [C, R] = in [R, C]^T: 8 x 8 blocks through registers (unpack, shuffle, lane permute), the edges scalar.
+LS_TARGET_AVX512 void transpose(const float* in, int64_t R, int64_t C, float* out) {
+  const int64_t R8 = R / 8 * 8, C8 = C / 8 * 8;
+  for (int64_t r0 = 0; r0 < R8; r0 += 8)
+    for (int64_t c0 = 0; c0 < C8; c0 += 8) {
+      const float* src = in + r0 * C + c0;
+      __m256 r[8], t[8], u[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * C);
+      for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+      }
+      float* dst = out + c0 * R + r0;
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(dst + i * R, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (i + 4) * R, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+      }
+    }
+  for (int64_t r = 0; r < R; ++r)  // the right edge (columns from C8) of every row, then the bottom rows
+    for (int64_t c = r < R8 ? C8 : 0; c < C; ++c) out[c * R + r] = in[r * C + c];
+}
+LS_TARGET_AVX512 void round_p(const float* p, int64_t rows, int64_t tv, int64_t tvp, at::BFloat16* out) {
+  round_p_impl(p, rows, tv, tvp, out);
+}
+// fp16: times 2^14, then F16C's round to nearest even.
+LS_TARGET_AVX512 void round_p(const float* p, int64_t rows, int64_t tv, int64_t tvp, at::Half* out) {
+  const __m512 scale = _mm512_set1_ps(kFp16PScale);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* src = p + i * tv;
+    at::Half* dst = out + i * tvp;
+    int64_t j = 0;
+    for (; j + 16 <= tv; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j),
+                          _mm512_cvtps_ph(_mm512_mul_ps(_mm512_loadu_ps(src + j), scale),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    for (; j < tv; ++j) dst[j] = static_cast<at::Half>(src[j] * kFp16PScale);
+    if (tvp > tv) dst[tv] = static_cast<at::Half>(0.0f);
+  }
+}
+#else  // the units path needs x86 matrix units and never runs here; these keep the build portable
+void pack_rows_vnni(const uint16_t* w, int64_t tv, int64_t H, uint32_t* out) { pack_rows_vnni_impl(w, tv, H, out); }
+void transpose(const float* in, int64_t R, int64_t C, float* out) { transpose_impl(in, R, C, out); }
+void round_p(const float* p, int64_t rows, int64_t tv, int64_t tvp, at::BFloat16* out) {
+  round_p_impl(p, rows, tv, tvp, out);
+}
+void round_p(const float* p, int64_t rows, int64_t tv, int64_t tvp, at::Half* out) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < tv; ++j) out[i * tvp + j] = static_cast<at::Half>(p[i * tv + j] * kFp16PScale);
+    if (tvp > tv) out[i * tvp + tv] = static_cast<at::Half>(0.0f);
+  }
+}
+#endif
+
+// The per-thread buffers and the two products of one tile on the units path.
+template <typename scalar_t>
+struct UnitsTile {
+  int64_t N, H, Hp;        // Hp: H rounded up to even (the contracted dimension of L^T = W_t Z^T)
+  const scalar_t* z_vnni;  // [Hp/2, N, 2], shared by all threads
+  at::Tensor lt, p16, w_vnni, w_pad;
+
+  UnitsTile(int64_t N_, int64_t H_, int64_t row_block, const scalar_t* z_vnni_)
+      : N(N_), H(H_), Hp(H_ + (H_ & 1)), z_vnni(z_vnni_) {
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
+    lt = at::empty({kTileV * row_block}, opts.dtype(at::kFloat));
+    p16 = at::empty({row_block * kTileV}, opts);  // kTileV is even: tvp <= kTileV
+    w_vnni = at::empty({kTileV * H}, opts);
+    if (Hp != H) w_pad = at::zeros({kTileV, Hp}, opts);
+  }
+
+  // logits [rows, tv] (fp32) = W_t Z_blk^T, transposed; wt = W rows [v0, v0 + tv), rows of Z from r0.
+  void logits(const scalar_t* wt, int64_t tv, int64_t r0, int64_t rows, float* logits) {
+    const scalar_t* a = wt;
+    if (Hp != H) {  // the A operand must hold Hp columns: copy the tile beside a zero column
+      scalar_t* pad = w_pad.data_ptr<scalar_t>();
+      for (int64_t v = 0; v < tv; ++v) std::memcpy(pad + v * Hp, wt + v * H, H * sizeof(scalar_t));
+      a = pad;
+    }
+    float* l_t = lt.data_ptr<float>();
+    units_gemm<scalar_t>(tv, rows, Hp, Hp, N, rows, /*add_c=*/false, a, z_vnni + 2 * r0, l_t);
+    transpose(l_t, tv, rows, logits);
+  }
+
+  // acc [rows, H] += round(P) W_t, with P = the [rows, tv] probabilities that update_rows left in `probs`.
+  void accumulate(const scalar_t* wt, int64_t tv, int64_t rows, const float* probs, float* acc) {
+    const int64_t tvp = tv + (tv & 1);
+    scalar_t* p = p16.data_ptr<scalar_t>();
+    round_p(probs, rows, tv, tvp, p);
+    scalar_t* wv = w_vnni.data_ptr<scalar_t>();
+    pack_rows_vnni(reinterpret_cast<const uint16_t*>(wt), tv, H, reinterpret_cast<uint32_t*>(wv));
+    units_gemm<scalar_t>(rows, H, tvp, tvp, H, H, /*add_c=*/true, p, wv, acc);
+  }
+};
 
 struct Plan {
   int64_t row_blocks, row_block, splits, split_len;
@@ -288,9 +474,20 @@ void run_cpu(const LmHeadProblem& p, bool with_grad, at::Tensor& tokens_out, at:
              at::Tensor& grad_out) {
   const int64_t N = p.N, H = p.H, V = p.V;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  constexpr bool widened = !std::is_same<scalar_t, acc_t>::value;
-  // Z is small (N x H): widen it once. W is widened tile by tile inside the pass.
+  constexpr bool sixteen = std::is_same<scalar_t, at::BFloat16>::value || std::is_same<scalar_t, at::Half>::value;
+  const CpuPath path = choose_cpu_path(p.hidden.scalar_type());
+  const bool units = sixteen && path != CpuPath::kWiden;
+  const bool widened = sixteen && !units;
+  // Z is small (N x H): widened once for the fp32 GEMM, or packed once as the B operand of the units' L^T = W_t Z^T.
+  // W is widened (or packed) tile by tile inside the pass.
   const at::Tensor z = widened ? p.hidden.to(acc_type).contiguous() : p.hidden;
+  at::Tensor z_vnni;
+  if constexpr (sixteen) {
+    if (units) {
+      z_vnni = at::empty({(H + 1) / 2 * 2 * N}, p.hidden.options());
+      pack_z_vnni(p.hidden.data_ptr<scalar_t>(), p.hidden.stride(0), N, H, z_vnni.data_ptr<scalar_t>());
+    }
+  }
   const at::Tensor bias = p.bias.defined() ? p.bias.to(acc_type) : at::Tensor();
   const Plan plan = make_plan(N, V);
 
@@ -311,6 +508,10 @@ void run_cpu(const LmHeadProblem& p, bool with_grad, at::Tensor& tokens_out, at:
     const auto opts = at::TensorOptions().dtype(acc_type);
     at::Tensor logits_buf = at::empty({plan.row_block * kTileV}, opts);
     at::Tensor w_buf = widened ? at::empty({kTileV, H}, opts) : at::Tensor();
+    std::unique_ptr<UnitsTile<scalar_t>> unit;
+    if constexpr (sixteen) {
+      if (units) unit = std::make_unique<UnitsTile<scalar_t>>(N, H, plan.row_block, z_vnni.data_ptr<scalar_t>());
+    }
     for (int64_t item = begin; item < end; ++item) {
       const int64_t rb = item / plan.splits, split = item % plan.splits;
       const int64_t r0 = rb * plan.row_block, r1 = std::min(N, r0 + plan.row_block);
@@ -323,12 +524,17 @@ void run_cpu(const LmHeadProblem& p, bool with_grad, at::Tensor& tokens_out, at:
       for (int64_t v0 = vs0; v0 < vs1; v0 += kTileV) {
         const int64_t tv = std::min(kTileV, vs1 - v0);
         at::Tensor wt = p.weight.narrow(0, v0, tv);
-        if constexpr (!std::is_same<scalar_t, acc_t>::value) {
-          widen(wt.data_ptr<scalar_t>(), w_buf.data_ptr<acc_t>(), tv * H);
-          wt = w_buf.narrow(0, 0, tv);
-        }
         at::Tensor lt = logits_buf.narrow(0, 0, rows * tv).view({rows, tv});
-        at::mm_out(lt, zb, wt.t());
+        if constexpr (sixteen) {
+          if (units) unit->logits(wt.data_ptr<scalar_t>(), tv, r0, rows, lt.data_ptr<float>());
+        }
+        if (!units) {
+          if constexpr (sixteen) {
+            widen(wt.data_ptr<scalar_t>(), w_buf.data_ptr<acc_t>(), tv * H);
+            wt = w_buf.narrow(0, 0, tv);
+          }
+          at::mm_out(lt, zb, wt.t());
+        }
         TileRows<acc_t> t{lt.data_ptr<acc_t>(),
                           rows,
                           tv,
@@ -339,9 +545,14 @@ void run_cpu(const LmHeadProblem& p, bool with_grad, at::Tensor& tokens_out, at:
                           with_grad ? accb.data_ptr<acc_t>() : nullptr,
                           H};
         update_rows(t);
-        if (with_grad) accb.addmm_(lt, wt);
+        if (!with_grad) continue;
+        if constexpr (sixteen) {
+          if (units) unit->accumulate(wt.data_ptr<scalar_t>(), tv, rows, lt.data_ptr<float>(), accb.data_ptr<float>());
+        }
+        if (!units) accb.addmm_(lt, wt);
       }
     }
+    if (units) units_release();
   });
 
   // Merge the vocabulary splits of each row, then finish: token, logp and grad = -r * (W[x] - acc / s).
@@ -349,6 +560,8 @@ void run_cpu(const LmHeadProblem& p, bool with_grad, at::Tensor& tokens_out, at:
   acc_t* logp_ptr = logp_out.data_ptr<acc_t>();
   const acc_t* reward = p.reward.defined() ? p.reward.data_ptr<acc_t>() : nullptr;
   const scalar_t* w = p.weight.data_ptr<scalar_t>();
+  // The fp16 units accumulated 2^14 P W; s was summed from the unscaled P.
+  const acc_t acc_unscale = units && path == CpuPath::kFp16Units ? acc_t(1) / acc_t(kFp16PScale) : acc_t(1);
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       RowState<acc_t> st = states[n];
@@ -366,13 +579,17 @@ void run_cpu(const LmHeadProblem& p, bool with_grad, at::Tensor& tokens_out, at:
       logp_ptr[n] = final_logp(st, tok ? st.lx : st.best);
       if (g) {
         const acc_t r = reward ? reward[n] : acc_t(1);
-        const acc_t inv_s = acc_t(1) / st.s;
+        const acc_t inv_s = acc_unscale / st.s;
         const scalar_t* wx = w + x * H;
         for (int64_t h = 0; h < H; ++h) g[h] = -r * (static_cast<acc_t>(wx[h]) - g[h] * inv_s);
       }
     }
   });
 }
+
+// cpu_paths() and cpu_path(dtype): what the CPU kernel can run and what a call in `dtype` runs now.
+std::vector<std::string> cpu_paths_op() { return available_cpu_paths(); }
+std::string cpu_path_op(at::ScalarType dtype) { return cpu_path_name(dtype); }
 
 // The device part of the entry points (latentseek/entry.h).
 struct CpuDevice {
@@ -397,6 +614,12 @@ struct CpuDevice {
 TORCH_LIBRARY_IMPL(latentseek_ext, CPU, m) {
   m.impl("lm_head_policy_grad", &lm_head_policy_grad_entry<CpuDevice>);
   m.impl("lm_head_logprob", &lm_head_logprob_entry<CpuDevice>);
+}
+
+// The path queries take no tensor: one kernel for every dispatch key.
+TORCH_LIBRARY_IMPL(latentseek_ext, CompositeExplicitAutograd, m) {
+  m.impl("cpu_paths", &cpu_paths_op);
+  m.impl("cpu_path", &cpu_path_op);
 }
 
 }  // namespace latentseek
