@@ -42,7 +42,8 @@ CMAKE_BUILD := build/cmake
 
 test: $(BUILT)
 	$(PY) -m pytest -q
-	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" > /dev/null
+	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		-DPython3_EXECUTABLE="$(abspath $(PY))" > /dev/null
 	cmake --build $(CMAKE_BUILD) -j2 > /dev/null
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 

@@ -1,8 +1,13 @@
-"""Tests of the fused LM-head op (latentseek_ext.ops) against the float64 ground truth of the reference."""
+"""Tests of the fused LM-head op (latentseek_ext.ops): every accuracy check goes through tests/checking.py (a float64
+truth, an element-wise bound derived from the kernels' precision)."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,8 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import latentseek_ext
-from checking import check_policy_grad
-from conftest import DTYPES
+from checking import ALL_DTYPES, DTYPES, check_outputs, check_policy_grad, judge, revealing_inputs
 from latentseek_ext import lm_head_logprob, lm_head_policy_grad, ops, reference
 
 pytestmark = pytest.mark.skipif(not latentseek_ext.extension_available("cpu"), reason="extension not built")
@@ -32,20 +36,36 @@ def make(N, H, V, dtype, device="cpu", scale=1.0, bias=False):
 # --- accuracy ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-@pytest.mark.parametrize("N", [1, 7, 300])
-@pytest.mark.parametrize("H", [8, 127, 896])
-@pytest.mark.parametrize("V", [1, 5, 1000, 32003])
+# Odd sizes, none a multiple of a tile. The largest products run in float32 only, to keep the suite short.
+ACCURACY_CASES = [
+    (dtype, N, H, V)
+    for dtype, N, H, V in itertools.product(ALL_DTYPES, [1, 7, 300], [8, 127, 896], [1, 5, 1000, 32003])
+    if dtype == torch.float32 or N * H * V <= 300 * 127 * 32003
+]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "N", "H", "V"), ACCURACY_CASES, ids=[f"{str(d)[6:]}-N{n}-H{h}-V{v}" for d, n, h, v in ACCURACY_CASES]
+)
 def test_matches_float64_truth(device, dtype, N, H, V):
-    if dtype != torch.float32 and N * H * V > 300 * 127 * 32003:
-        pytest.skip("the largest shapes run in float32 only, to keep the suite short")
     hidden, weight, bias = make(N, H, V, dtype, device, bias=(V % 2 == 1))
     reward = torch.randn(N, device=device)
     reward[::3] = 0.0  # zeros and negatives among the rewards
     check_policy_grad(ext, hidden, weight, reward, None, bias)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_kernel_is_well_inside_the_bound(device, dtype):
+    # The inputs on which tests/test_checker.py shows every wrong implementation failing; the kernel must use at
+    # most half of the allowed error (printed with -s: the margins quoted in the issue's closing note).
+    hidden, weight, reward, bias = revealing_inputs(dtype, device)
+    verdict = judge(hidden, weight, reward, None, bias, ext(hidden, weight, reward, None, bias))
+    print(f"{dtype}: {verdict}")
+    assert verdict.ok, str(verdict)
+    assert verdict.worst() <= 0.5, str(verdict)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_real_vocabulary_size(dtype):
     hidden, weight, _ = make(7, 896, 151936, dtype)
     check_policy_grad(ext, hidden, weight, -0.5)
@@ -68,18 +88,17 @@ def test_many_row_blocks_and_vocab_splits():
 
 
 def test_thread_count_does_not_change_results():
+    # One thread walks the vocabulary in one piece, several split it and merge: both are judged by the checker.
     hidden, weight, bias = make(5, 40, 9000, torch.float32, bias=True)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ext(hidden, weight, 0.3, None, bias)
+        one = check_policy_grad(ext, hidden, weight, 0.3, None, bias)
         torch.set_num_threads(max(2, threads))
-        many = ext(hidden, weight, 0.3, None, bias)
+        many = check_policy_grad(ext, hidden, weight, 0.3, None, bias)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one[0], many[0])
-    torch.testing.assert_close(one[1], many[1], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(one[2], many[2], rtol=1e-5, atol=1e-6)
 
 
 def test_leading_dims(device):
@@ -119,23 +138,15 @@ def test_large_logits_do_not_overflow(device, dtype):
     assert torch.isfinite(logp).all() and torch.isfinite(grad).all()
 
 
-def test_peaked_softmax_keeps_relative_precision():
-    # p(argmax) -> 1: grad = -(W[x] - E[W]) is tiny and must not drown in the cancellation.
-    hidden, weight, _ = make(4, 64, 3000, torch.float32)
-    weight[:4] = hidden * (18.0 / hidden.square().sum(-1, keepdim=True))  # own logit 18, the rest ~N(0, 2)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_peaked_softmax_keeps_relative_precision(dtype):
+    # p(argmax) -> 1: grad = -(W[x] - E[W]) is tiny and must not drown in the cancellation. The checker's bound
+    # shrinks with 1 - p(x) (the argmax's share of P is exact), so a kernel that rounds it fails here.
+    hidden, weight, _ = make(4, 64, 3000, dtype)
+    weight[:4] = (hidden.double() * (18.0 / hidden.double().square().sum(-1, keepdim=True))).to(dtype)
     tokens, logp, grad = check_policy_grad(ext, hidden, weight, 1.0)
     assert torch.equal(tokens, torch.arange(4))
     assert (logp > -1e-2).all()  # p(x) > 0.99: grad is ~1e-3 of W's scale
-    _, _, grad_gt = reference.lm_head_policy_grad(hidden.double(), weight.double(), 1.0)
-    _, _, grad_ref = reference.lm_head_policy_grad(hidden, weight, 1.0)  # materialised, float32
-
-    def rel(g):
-        return (g.double() - grad_gt).norm(dim=-1) / grad_gt.norm(dim=-1)
-
-    # float32 cancellation in W[x] - E[W] costs ~1e-3 relative here; the kernel must not be worse than the
-    # materialised float32 computation.
-    assert (rel(grad) <= rel(grad_ref) + 1e-3).all(), (rel(grad), rel(grad_ref))
-    assert (rel(grad) < 2e-2).all()
 
 
 def test_zero_rows(device):
@@ -153,14 +164,10 @@ def test_nan_and_inf_rows_give_nan_without_crashing(device):
     hidden, weight, _ = make(4, 16, 300, torch.float32, device)
     hidden[1, 3] = float("nan")
     hidden[2, 0] = float("inf")
-    tokens, logp, grad = ext(hidden, weight, 1.0)
-    ref_tokens = reference._logits(hidden, weight, None).argmax(-1)
-    assert torch.equal(tokens.cpu(), ref_tokens.cpu())  # torch.argmax's rule: first NaN, else first max
+    # The checker matches the NaN pattern and torch.argmax's token rule (first NaN, else first max) row by row.
+    tokens, logp, grad = check_policy_grad(ext, hidden, weight, 1.0)
     assert torch.isnan(logp[1]) and torch.isnan(grad[1]).all()
     assert torch.isnan(logp[2]) and torch.isnan(grad[2]).all()
-    good = torch.tensor([0, 3])
-    check_policy_grad(ext, hidden[good], weight, 1.0)
-    torch.testing.assert_close(logp[good], ext(hidden[good], weight, 1.0)[1])
 
 
 def test_nan_in_weight_row_is_chosen_like_torch_argmax():
@@ -304,6 +311,33 @@ def test_reference_applies_the_same_rules():
 # --- the impl switch and the fallback ----------------------------------------------------------------------------
 
 
+_IMPORT_WITHOUT_C = """
+import importlib, os, sys
+sys.modules["latentseek_ext._C"] = None  # the compiled module fails to import
+for flag in ("0", "1", "yes"):
+    os.environ["LATENTSEEK_REQUIRE_EXT"] = flag
+    for name in [m for m in sys.modules if m.startswith("latentseek_ext") and m != "latentseek_ext._C"]:
+        del sys.modules[name]
+    try:
+        print(flag, "imported", sorted(importlib.import_module("latentseek_ext").EXTENSION_DEVICES))
+    except (ImportError, ValueError) as e:
+        print(flag, type(e).__name__, e)
+"""
+
+
+def test_require_ext_switch_turns_an_import_failure_into_an_error():
+    env = {k: v for k, v in os.environ.items() if k != "LATENTSEEK_REQUIRE_EXT"}
+    out = subprocess.run(
+        [sys.executable, "-c", _IMPORT_WITHOUT_C], capture_output=True, text=True, env=env, check=True
+    ).stdout.splitlines()
+    assert out[0] == "0 imported []"  # the default: the pure-torch fallback
+    assert out[1].startswith(
+        "1 ImportError latentseek_ext: LATENTSEEK_REQUIRE_EXT=1 but the compiled kernel is missing"
+    )
+    assert "import of latentseek_ext._C halted" in out[1]
+    assert out[2] == "yes ValueError latentseek_ext: LATENTSEEK_REQUIRE_EXT must be 0 or 1, got 'yes'"
+
+
 def test_impl_switch_and_fallback(monkeypatch):
     hidden, weight, _ = make(3, 8, 50, torch.float32)
     want = reference.lm_head_policy_grad(hidden, weight, 0.5)
@@ -340,19 +374,16 @@ def test_logprob_forward_matches_policy_grad():
     assert d.shape == (0,)
 
 
-def test_logprob_backward_matches_autograd_reference():
-    hidden, weight, bias = make(6, 20, 333, torch.float32, bias=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logprob_forward_and_backward_within_the_bound(dtype):
+    # d(sum upstream * logp)/d hidden is the policy gradient with reward = -upstream; autograd hands it back in
+    # hidden's dtype, which the checker allows for (half an ulp of that dtype on top).
+    hidden, weight, bias = make(6, 20, 333, dtype, bias=True)
     upstream = torch.randn(6)
-    h1 = hidden.clone().requires_grad_()
-    _, logp = lm_head_logprob(h1, weight, None, bias)
+    h = hidden.clone().requires_grad_()
+    tokens, logp = lm_head_logprob(h, weight, None, bias)
     (logp * upstream).sum().backward()
-    h2 = hidden.clone().requires_grad_()
-    _, logp_ref = reference.lm_head_logprob(h2, weight, None, bias)
-    (logp_ref * upstream).sum().backward()
-    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
-    # and it equals the policy gradient with reward = -upstream
-    _, _, grad = ext(hidden, weight, -upstream, None, bias)
-    torch.testing.assert_close(h1.grad, grad, rtol=1e-5, atol=1e-6)
+    check_outputs(hidden, weight, -upstream, None, bias, (tokens, logp.detach(), h.grad), grad_dtype=dtype)
 
 
 def test_gradcheck_float64():

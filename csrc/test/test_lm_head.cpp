@@ -1,11 +1,22 @@
-// C++ test of the CPU kernel through the dispatcher (the same registration Python uses), against a
-// materialised float64 computation with ATen.
+// C++ test of the CPU kernel through the dispatcher (the registration Python uses, built by CMake without Python).
+//
+//   test_lm_head CASES_FILE
+//
+// Runs the op on cases of every dtype (odd sizes, bias, per-row and scalar rewards, given tokens) and writes each
+// case's inputs and outputs to CASES_FILE (torch::pickle_save of a list of dicts). The accuracy verdict is not
+// taken here: `python tests/checking.py CASES_FILE` judges the file with the one checker of the project (a float64
+// truth and the element-wise bound of tests/checking.py), so the C++ and Python tests cannot drift apart. ctest runs
+// the two in order (CMakeLists.txt). This program checks what needs no tolerance: output shapes and dtypes, and
+// that bad input gets an error that names the problem.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/serialize.h>
 
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -21,38 +32,65 @@ using Op = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, con
                                                          const std::optional<at::Tensor>&,
                                                          const std::optional<at::Tensor>&);
 
-void check_case(int64_t N, int64_t H, int64_t V, at::ScalarType dtype, double tol) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("latentseek_ext::lm_head_policy_grad", "")
-                       .typed<Op>();
-  at::manual_seed(N * 131 + V);
-  auto hidden = at::randn({N, H}, at::kDouble).to(dtype);
-  auto weight = (at::randn({V, H}, at::kDouble) / std::sqrt(double(H)) * 2).to(dtype);
-  auto bias = at::randn({V}, at::kDouble).to(dtype);
-  auto reward = at::randn({N}, at::kFloat);
-  auto [tokens, logp, grad] = op.call(hidden, weight, reward, std::nullopt, bias);
+const c10::TypedOperatorHandle<Op>& op() {
+  static auto handle = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("latentseek_ext::lm_head_policy_grad", "")
+                           .typed<Op>();
+  return handle;
+}
 
-  auto z = hidden.to(at::kDouble), w = weight.to(at::kDouble);
-  auto logits = at::addmm(bias.to(at::kDouble), z, w.t());
-  auto x = logits.argmax(-1);
-  auto want_logp = logits.gather(1, x.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1);
-  auto want_grad = -reward.to(at::kDouble).unsqueeze(1) * (w.index_select(0, x) - at::softmax(logits, -1).mm(w));
+enum class Reward { kNone, kScalar, kRows };
 
-  const std::string name = "N=" + std::to_string(N) + " H=" + std::to_string(H) + " V=" + std::to_string(V) + " " +
-                           std::string(c10::toString(dtype));
-  expect(at::equal(tokens, x), name + ": tokens are the argmax");
-  expect((logp.to(at::kDouble) - want_logp).abs().max().item<double>() < tol, name + ": logp");
-  expect((grad.to(at::kDouble) - want_grad).abs().max().item<double>() < tol, name + ": grad");
+struct Case {
+  int64_t N, H, V;
+  at::ScalarType dtype;
+  bool bias, given_tokens;
+  Reward reward;
+};
+
+c10::IValue optional_value(const std::optional<at::Tensor>& t) { return t ? c10::IValue(*t) : c10::IValue(); }
+
+// Runs one case and returns the record tests/checking.py reads: name, the inputs (reward and tokens None when not
+// passed) and the outputs.
+c10::impl::GenericDict run_case(const Case& c) {
+  at::manual_seed(c.N * 131 + c.V);
+  const auto acc = c.dtype == at::kDouble ? at::kDouble : at::kFloat;
+  auto hidden = at::randn({c.N, c.H}, at::kDouble).to(c.dtype);
+  auto weight = (at::randn({c.V, c.H}, at::kDouble) / std::sqrt(double(c.H)) * 2).to(c.dtype);
+  std::optional<at::Tensor> bias, reward, tokens;
+  if (c.bias) bias = at::randn({c.V}, at::kDouble).to(c.dtype);
+  if (c.reward == Reward::kRows) reward = at::randn({c.N}, acc);
+  if (c.reward == Reward::kScalar) reward = at::full({}, -0.75, acc);
+  if (c.given_tokens) tokens = at::randint(c.V, {c.N}, at::kLong);
+  auto [x, logp, grad] = op().call(hidden, weight, reward, tokens, bias);
+
+  const std::string name = "N=" + std::to_string(c.N) + " H=" + std::to_string(c.H) + " V=" + std::to_string(c.V) +
+                           " " + c10::toString(c.dtype) + (c.bias ? " bias" : "") +
+                           (c.given_tokens ? " tokens" : "") +
+                           (c.reward == Reward::kRows ? " reward[N]" : c.reward == Reward::kScalar ? " reward" : "");
+  expect(x.scalar_type() == at::kLong && x.sizes() == at::IntArrayRef{c.N} && logp.scalar_type() == acc &&
+             logp.sizes() == at::IntArrayRef{c.N} && grad.scalar_type() == acc && grad.sizes() == hidden.sizes(),
+         name + ": output shapes and dtypes");
+
+  c10::impl::GenericDict record(c10::StringType::get(), c10::AnyType::get());
+  record.insert("name", c10::IValue(name));
+  record.insert("hidden", hidden);
+  record.insert("weight", weight);
+  record.insert("bias", optional_value(bias));
+  record.insert("reward", optional_value(reward));
+  record.insert("tokens", optional_value(tokens));
+  record.insert("out_tokens", x);
+  record.insert("logp", logp);
+  record.insert("grad", grad);
+  return record;
 }
 
 void check_error(const std::string& what, const std::string& needle) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("latentseek_ext::lm_head_policy_grad", "")
-                       .typed<Op>();
   try {
-    if (what == "H mismatch") op.call(at::randn({2, 3}), at::randn({5, 4}), std::nullopt, std::nullopt, std::nullopt);
+    if (what == "H mismatch")
+      op().call(at::randn({2, 3}), at::randn({5, 4}), std::nullopt, std::nullopt, std::nullopt);
     if (what == "token range")
-      op.call(at::randn({2, 3}), at::randn({5, 3}), std::nullopt, at::tensor({0, 5}, at::kLong), std::nullopt);
+      op().call(at::randn({2, 3}), at::randn({5, 3}), std::nullopt, at::tensor({0, 5}, at::kLong), std::nullopt);
     expect(false, what + ": expected an error");
   } catch (const c10::Error& e) {
     expect(std::string(e.what()).find(needle) != std::string::npos, what + ": message names the problem");
@@ -61,15 +99,29 @@ void check_error(const std::string& what, const std::string& needle) {
 
 }  // namespace
 
-int main() {
-  check_case(1, 8, 5, at::kFloat, 1e-5);
-  check_case(7, 127, 1000, at::kFloat, 1e-5);
-  check_case(300, 64, 5003, at::kFloat, 1e-5);
-  check_case(9, 64, 3001, at::kBFloat16, 1e-4);
-  check_case(9, 64, 3001, at::kHalf, 1e-4);
-  check_case(5, 16, 777, at::kDouble, 1e-12);
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s CASES_FILE (the file `python tests/checking.py CASES_FILE` judges)\n", argv[0]);
+    return 2;
+  }
+  const std::vector<Case> cases = {
+      {1, 8, 5, at::kFloat, false, false, Reward::kNone},
+      {7, 127, 1000, at::kFloat, true, false, Reward::kRows},
+      {300, 64, 5003, at::kFloat, true, false, Reward::kRows},
+      {9, 896, 3001, at::kBFloat16, true, false, Reward::kRows},
+      {9, 896, 3001, at::kHalf, true, false, Reward::kRows},
+      {33, 64, 4099, at::kBFloat16, true, true, Reward::kScalar},
+      {5, 16, 777, at::kDouble, true, false, Reward::kRows},
+  };
+  c10::impl::GenericList records(c10::AnyType::get());
+  for (const Case& c : cases) records.push_back(run_case(c));
   check_error("H mismatch", "H = hidden.shape[-1] = 3");
   check_error("token range", "tokens must lie in [0, V) = [0, 5)");
-  std::printf("%s\n", failures ? "FAILED" : "all passed");
+
+  const std::vector<char> bytes = torch::pickle_save(c10::IValue(records));
+  std::ofstream out(argv[1], std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  expect(out.good(), std::string("wrote ") + std::to_string(cases.size()) + " cases to " + argv[1]);
+  std::printf("%s\n", failures ? "FAILED" : "all passed (the accuracy verdict is tests/checking.py's)");
   return failures ? 1 : 0;
 }
