@@ -17,7 +17,7 @@ from latentseek.eval.data import (
     read_records,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 GSM8K_ROWS = [
     {"question": "Tom has 3 apples and buys 2. How many?", "answer": "3 + 2 = <<3+2=5>>5\n#### 5"},
@@ -191,18 +191,28 @@ def test_demo_problems_are_shipped_numeric_and_unique():
     assert all(p.answer_kind == "number" and p.gold.isdigit() for p in problems)
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the project's benchmark copies are not present")
-@pytest.mark.parametrize(
-    ("file", "count", "first_gold", "kind"),
-    [
-        ("gsm8k_test.jsonl", 1319, "18", "number"),
-        ("math500_test.jsonl", 500, "\\left( 3, \\frac{\\pi}{2} \\right)", "math"),
-        ("aime24_test.jsonl", 30, "204", "number"),
-    ],
-)
-def test_the_public_sets_load_from_local_copies(file, count, first_gold, kind):
-    problems = load_problems(SHARED_DATA / file)
-    assert len(problems) == count and len({p.id for p in problems}) == count
+# The public sets' formats: tests/fixtures holds their first records byte for byte (run in CI), the full files are
+# checked with `pytest --shared-data DIR` (deselected without it, and a failure, not a skip, if DIR is missing).
+PUBLIC_SETS = [
+    ("gsm8k_test.jsonl", "18", "number"),
+    ("math500_test.jsonl", "\\left( 3, \\frac{\\pi}{2} \\right)", "math"),
+    ("aime24_test.jsonl", "204", "number"),
+]
+FULL_SIZES = {"gsm8k_test.jsonl": 1319, "math500_test.jsonl": 500, "aime24_test.jsonl": 30}
+
+
+@pytest.mark.parametrize(("file", "first_gold", "kind"), PUBLIC_SETS)
+def test_the_public_sets_formats_load_from_the_fixtures(file, first_gold, kind):
+    problems = load_problems(FIXTURES / file)
+    assert len(problems) == 3 and len({p.id for p in problems}) == 3
+    assert problems[0].gold == first_gold and all(p.answer_kind == kind for p in problems)
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize(("file", "first_gold", "kind"), PUBLIC_SETS)
+def test_the_public_sets_load_from_full_copies(shared_data, file, first_gold, kind):
+    problems = load_problems(shared_data / file)
+    assert len(problems) == FULL_SIZES[file] and len({p.id for p in problems}) == FULL_SIZES[file]
     assert problems[0].gold == first_gold and problems[0].answer_kind == kind
 
 
