@@ -19,6 +19,11 @@ TORCH_LIBRARY(latentseek_ext, m) {
   m.def(
       "lm_head_policy_grad(Tensor hidden, Tensor weight, Tensor? reward=None, Tensor? tokens=None, "
       "Tensor? bias=None) -> (Tensor tokens, Tensor logp, Tensor grad)");
+  // The same with the reward as a number (a Python float): it reaches the kernels as a scale, so a call costs no
+  // reward tensor and no host-to-device copy.
+  m.def(
+      "lm_head_policy_grad.float_reward(Tensor hidden, Tensor weight, float reward, Tensor? tokens=None, "
+      "Tensor? bias=None) -> (Tensor tokens, Tensor logp, Tensor grad)");
   // The same forward; dlogp_dhidden = d logp / d hidden when with_grad, else an empty [0] tensor. Its autograd
   // backward (latentseek_ext/ops.py) scales dlogp_dhidden by the incoming gradient: no second vocabulary pass.
   // logp comes first: the one differentiable output leads (torch.library.opcheck sums the outputs in order).

@@ -40,7 +40,7 @@ from typing import Literal, get_args
 import torch
 
 from . import reference
-from .reference import Reward, acc_dtype, as_reward_tensor
+from .reference import Reward, acc_dtype
 
 #: Which implementation of the ops runs (see the module docstring); the one definition of these names.
 Impl = Literal["auto", "ext", "reference"]
@@ -113,8 +113,10 @@ def lm_head_policy_grad(
     """
     if not _use_extension(impl, hidden):
         return reference.lm_head_policy_grad(hidden, weight, reward, tokens, bias)
-    reward_t = as_reward_tensor(reward, hidden)
-    return torch.ops.latentseek_ext.lm_head_policy_grad.default(hidden, weight, reward_t, tokens, bias)
+    if reward is None or isinstance(reward, torch.Tensor):
+        return torch.ops.latentseek_ext.lm_head_policy_grad.default(hidden, weight, reward, tokens, bias)
+    # A number travels as the schema's float (no tensor, no host-to-device copy per call).
+    return torch.ops.latentseek_ext.lm_head_policy_grad.float_reward(hidden, weight, float(reward), tokens, bias)
 
 
 def lm_head_logprob(
@@ -159,6 +161,10 @@ if EXTENSION_ERROR is None:
     @torch.library.register_fake("latentseek_ext::lm_head_policy_grad")
     def _policy_grad_fake(hidden, weight, reward=None, tokens=None, bias=None):
         return _fake_outputs(hidden, weight, True, reward=reward, tokens=tokens, bias=bias)
+
+    @torch.library.register_fake("latentseek_ext::lm_head_policy_grad.float_reward")
+    def _policy_grad_float_reward_fake(hidden, weight, reward, tokens=None, bias=None):
+        return _fake_outputs(hidden, weight, True, tokens=tokens, bias=bias)
 
     @torch.library.register_fake("latentseek_ext::lm_head_logprob")
     def _logprob_fake(hidden, weight, tokens=None, bias=None, with_grad=True):

@@ -26,13 +26,17 @@ if not latentseek_ext.extension_available("cuda"):
 
 pytestmark = pytest.mark.cuda
 
-KERNELS = ["auto", "fused", "simt", "chunked"]
+# "fused-small": the tensor-core kernel with its small-shared-memory tiles (LATENTSEEK_CUDA_TILES=small), which
+# sm_86 / sm_89 take by default; forced here so that every GPU tests it.
+KERNELS = ["auto", "fused", "fused-small", "simt", "chunked"]
 DEV = "cuda"
 
 
 @pytest.fixture(params=KERNELS)
 def kernel(request, monkeypatch):
-    monkeypatch.setenv("LATENTSEEK_CUDA_KERNEL", request.param)
+    name, _, tiles = request.param.partition("-")
+    monkeypatch.setenv("LATENTSEEK_CUDA_KERNEL", name)
+    monkeypatch.setenv("LATENTSEEK_CUDA_TILES", tiles or "auto")
     return request.param
 
 
@@ -145,11 +149,13 @@ def sm_count() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count
 
 
+@pytest.mark.parametrize("tiles", ["auto", "small"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_many_rows_single_split(monkeypatch, dtype):
+def test_many_rows_single_split(monkeypatch, dtype, tiles):
     # Enough rows that the fused kernels fill the GPU without splitting the vocabulary: the in-kernel finish path.
     kernel = "fused" if dtype == torch.bfloat16 else "simt"
     monkeypatch.setenv("LATENTSEEK_CUDA_KERNEL", kernel)
+    monkeypatch.setenv("LATENTSEEK_CUDA_TILES", tiles)
     rows_per_cta, ctas_per_sm = (32, 2) if kernel == "fused" else (16, 8)
     n = rows_per_cta * ctas_per_sm * sm_count() + 5
     hidden, weight = make_inputs(n, 520, 700, dtype, seed=6)
@@ -257,11 +263,126 @@ def test_device_mismatch_errors(monkeypatch):
         op(hidden, weight, None, None, torch.zeros(100))
     with pytest.raises(RuntimeError, match="reward must be on hidden's device"):
         op(hidden, weight, torch.ones(3), None, None)
-    with pytest.raises(RuntimeError, match=r"tokens must lie in \[0, V\)"):
-        op(hidden, weight, None, torch.tensor([0, 100, 1], device=DEV), None)
     monkeypatch.setenv("LATENTSEEK_CUDA_KERNEL", "fastest")
     with pytest.raises(RuntimeError, match="LATENTSEEK_CUDA_KERNEL"):
         op(hidden, weight, None, None, None)
+
+
+def test_tile_and_kernel_requests_are_checked(monkeypatch):
+    hidden, weight = make_inputs(3, 64, 100, torch.bfloat16)
+    monkeypatch.setenv("LATENTSEEK_CUDA_TILES", "tiny")
+    with pytest.raises(RuntimeError, match="LATENTSEEK_CUDA_TILES must be auto, large or small, got 'tiny'"):
+        latentseek_ext.lm_head_policy_grad(hidden, weight, impl="ext")
+    # Where the large tiles do not fit (sm_86 / sm_89), forcing them is an error, not a silent fallback.
+    monkeypatch.setenv("LATENTSEEK_CUDA_TILES", "large")
+    monkeypatch.setenv("LATENTSEEK_CUDA_KERNEL", "fused")
+    props = torch.cuda.get_device_properties(0)
+    # The per-block opt-in limit: 1 KB below the per-SM shared memory on sm_80 / sm_86 / sm_89 / sm_90.
+    optin = getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_multiprocessor - 1024)
+    if optin >= 109312:
+        latentseek_ext.lm_head_policy_grad(hidden, weight, impl="ext")
+    else:
+        with pytest.raises(RuntimeError, match="bytes of shared memory per block with its large tiles"):
+            latentseek_ext.lm_head_policy_grad(hidden, weight, impl="ext")
+
+
+# The device-side token check: an out-of-range token kills the CUDA context (a device-side assert, as torch's own
+# index checks), so each case runs in its own process. Each kernel checks the tokens where it first reads them; the
+# cases cover every path a call takes: the fused kernels with vocabulary splits (then the merge kernel) and with one
+# split (their own finish: more row tiles than the GPU holds at once), and the chunked path.
+_BAD_TOKEN_SCRIPT = """
+import os, sys, torch, latentseek_ext
+kernel, n, dtype = sys.argv[1], int(sys.argv[2]), getattr(torch, sys.argv[3])
+os.environ["LATENTSEEK_CUDA_KERNEL"] = kernel
+hidden = torch.randn(n, 64, device="cuda").to(dtype)
+weight = torch.randn(2000, 64, device="cuda").to(dtype)
+tokens = torch.zeros(n, dtype=torch.int64, device="cuda")
+tokens[1] = 2000
+latentseek_ext.lm_head_policy_grad(hidden, weight, None, tokens, impl="ext")  # returns: no host sync
+print("call returned", flush=True)
+try:
+    torch.cuda.synchronize()
+except RuntimeError as e:
+    print("sync error:", e, flush=True)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "fused merge bfloat16",
+        "fused finish bfloat16",
+        "chunked merge bfloat16",
+        "simt merge float32",
+        "simt finish float32",
+    ],
+)
+def test_out_of_range_token_fails_at_the_next_sync(case):
+    import subprocess
+    import sys
+
+    kernel, where, dtype = case.split()
+    # merge: a few rows, so the vocabulary is split; finish: more row tiles than any occupancy of the GPU holds.
+    n = {"merge": 5, "finish": (32 if kernel == "fused" else 16) * 8 * sm_count() + 3}[where]
+    proc = subprocess.run(
+        [sys.executable, "-c", _BAD_TOKEN_SCRIPT, kernel, str(n), dtype], capture_output=True, text=True, timeout=120
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out
+    assert "call returned" in proc.stdout and "device-side assert" in out, out
+    assert "tokens must lie in [0, V)" in out, out
+
+
+def test_no_host_sync_and_cuda_graph_capture(kernel):
+    # Every input form runs without a host synchronisation (given tokens are checked on the device, a float reward is
+    # a schema float), so the op can be captured in a CUDA graph; the replay matches the eager call on new inputs.
+    hidden, weight = make_inputs(40, 256, 5000, torch.bfloat16, seed=21)
+    g = torch.Generator(device="cpu").manual_seed(22)
+    tokens = torch.randint(0, 5000, (40,), generator=g).to(DEV)
+    reward = torch.rand(40, generator=g).to(DEV)
+    op = latentseek_ext.lm_head_policy_grad
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for r in (None, 0.5, reward, torch.tensor(-2.0, device=DEV)):
+            for t in (None, tokens):
+                op(hidden, weight, r, t, impl="ext")
+        latentseek_ext.lm_head_logprob(hidden, weight, tokens, impl="ext")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+    static_h, static_t = hidden.clone(), tokens.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graphs recommends
+        op(static_h, weight, 0.5, static_t, impl="ext")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = op(static_h, weight, 0.5, static_t, impl="ext")
+    new_h, _ = make_inputs(40, 256, 5000, torch.bfloat16, seed=23)
+    new_t = torch.randint(0, 5000, (40,), generator=g).to(DEV)
+    static_h.copy_(new_h)
+    static_t.copy_(new_t)
+    graph.replay()
+    eager = op(new_h, weight, 0.5, new_t, impl="ext")
+    assert torch.equal(captured[0], eager[0])
+    torch.testing.assert_close(captured[1], eager[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(captured[2], eager[2], atol=1e-5, rtol=1e-5)
+
+
+def test_float_reward_overload_matches_tensor_reward(kernel):
+    hidden, weight = make_inputs(9, 128, 3001, torch.bfloat16, seed=24)
+    by_float = torch.ops.latentseek_ext.lm_head_policy_grad.float_reward(hidden, weight, -0.75, None, None)
+    by_tensor = torch.ops.latentseek_ext.lm_head_policy_grad.default(
+        hidden, weight, torch.tensor(-0.75, device=DEV), None, None
+    )
+    for a, b in zip(by_float, by_tensor, strict=True):
+        assert torch.equal(a, b)
+    torch.library.opcheck(
+        torch.ops.latentseek_ext.lm_head_policy_grad.float_reward, (hidden.float(), weight.float(), 0.5, None, None)
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# Compile-only check of every csrc/**/*.cu for sm_80 and sm_90a against the installed torch's headers.
+# Compile-only check of every csrc/**/*.cu for sm_80, sm_86 and sm_90a against the installed torch's headers, with
+# ptxas's resource report (registers, spills, stack, shared memory) of each kernel printed per architecture.
 #
 #   PY=.venv/bin/python bash tools/check_cuda_compile.sh      (what `make cuda-check` runs)
 #
 # A CPU torch wheel ships the CUDA headers of c10 but not the CMake-generated cuda_cmake_macros.h, hence
 # -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE; nothing is linked, so the CPU wheel is enough. The flags mirror setup.py's
 # (torch's cpp_extension compiles with -std=c++20). Exits 0 with a message when nvcc is absent, non-zero on any
-# compile error. NVCC and CUDA_ARCHS override the compiler and the targets.
+# compile error. NVCC and CUDA_ARCHS override the compiler and the targets. sm_86 stands for the consumer GPUs (sm_86 /
+# sm_89: 99 KB of shared memory per block, the small tile configuration); their default build runs the sm_80 code.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PY:-python3}"
 NVCC="${NVCC:-nvcc}"
-CUDA_ARCHS="${CUDA_ARCHS:-80 90a}"
+CUDA_ARCHS="${CUDA_ARCHS:-80 86 90a}"
 
 if ! command -v "$NVCC" >/dev/null 2>&1; then
   echo "cuda-check: skipped: nvcc not found (install the CUDA toolkit or set NVCC=/path/to/nvcc)"
@@ -33,7 +35,7 @@ fi
 
 FLAGS=(-std=c++20 --expt-relaxed-constexpr -O3 --use_fast_math -lineinfo
        -DLATENTSEEK_WITH_CUDA -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
-       -I "$ROOT/csrc/include" -Werror all-warnings)
+       -I "$ROOT/csrc/include" -Werror all-warnings -Xptxas -v)
 for inc in "${TORCH_INCLUDES[@]}"; do FLAGS+=(-isystem "$inc"); done
 GENCODE=()
 for arch in $CUDA_ARCHS; do GENCODE+=(-gencode "arch=compute_${arch},code=sm_${arch}"); done
@@ -47,6 +49,12 @@ for src in "${SOURCES[@]}"; do
   start=$(date +%s)
   if "$NVCC" "${FLAGS[@]}" "${GENCODE[@]}" -c "$ROOT/$src" -o "$TMP/$(basename "$src").o" >"$TMP/log" 2>&1; then
     echo "cuda-check: ok    $src ($(( $(date +%s) - start ))s)"
+    # ptxas: one "Compiling entry function" line per kernel and arch, then its registers / spills / stack.
+    awk '/Compiling entry function/ { match($0, /_Z[A-Za-z0-9_]+/); fn = substr($0, RSTART, RLENGTH);
+                                     match($0, /sm_[0-9a-z]+/); arch = substr($0, RSTART, RLENGTH) }
+         /bytes stack frame/ { sub(/^ptxas info *: */, ""); frame = $0 }
+         /Used [0-9]+ registers/ { sub(/^ptxas info *: */, ""); print "  " arch " " fn ": " $0 "; " frame }' \
+      "$TMP/log" | (command -v c++filt >/dev/null && c++filt || cat) | sort
   else
     echo "cuda-check: FAIL  $src" >&2
     cat "$TMP/log" >&2

@@ -20,7 +20,7 @@ constexpr int kChunkThreads = 256;
 template <typename scalar_t>
 struct ChunkArgs {
   const float* logits;  // [N, vc] = Z W_c^T, fp32
-  int vc, v0, N;
+  int vc, v0, N, V;
   int64_t H;
   const scalar_t* bias;    // [V] or nullptr
   const int64_t* tokens;   // [N] or nullptr
@@ -43,6 +43,7 @@ __global__ void __launch_bounds__(kChunkThreads) chunk_rows_kernel(const ChunkAr
   const int n = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float* l = a.logits + static_cast<int64_t>(n) * a.vc;
   const int64_t tl = a.tokens ? a.tokens[n] - a.v0 : -1;  // the given token's column in this chunk, if any
+  if (a.tokens && a.first && tid == 0) check_given_token(a.tokens[n], n, a.V);  // one thread per row, chunk 0
 
   if (tid == 0) lx_found = 0;
   __syncthreads();

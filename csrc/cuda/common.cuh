@@ -17,9 +17,11 @@
 #include <ATen/ATen.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <c10/macros/Macros.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 
@@ -166,6 +168,40 @@ __device__ __forceinline__ acc_t warp_sum(acc_t x) {
   return x;
 }
 
+// --- Per-row inputs read on the device ---------------------------------------------------------------------
+
+// The reward of a row: scale * values[row * stride] (stride 0: one 0-d reward for every row), or scale alone. A float
+// reward and lm_head_logprob's -1 arrive as the scale: no tensor, no host-to-device copy, no expand.
+template <typename acc_t>
+struct RowReward {
+  const acc_t* values;  // [N] (stride 1), 0-d (stride 0), or nullptr
+  int stride;
+  acc_t scale;
+  __device__ __forceinline__ acc_t operator()(int64_t row) const {
+    return values ? scale * values[row * stride] : scale;
+  }
+};
+
+// Given tokens are range-checked here, not on the host: reading them there would be a device sync per call and
+// would keep the op out of CUDA graphs. An out-of-range token is a device-side assert: the launch fails, and the
+// error surfaces at the next synchronisation as "device-side assert triggered", with this message on the device's
+// stdout, as torch's own index checks do. One thread per row checks it (check_given_token), where each kernel loads
+// the tokens, at its start: a call there costs no registers, while the same call beside the finish's live
+// accumulators cost the SIMT kernel 26 registers and a spill. Every thread clamps the token where it indexes W
+// (given_token), so that nothing reads outside W even where device asserts are compiled out.
+[[noreturn]] __device__ __noinline__ inline void report_bad_token(int64_t x, int64_t row, int V) {
+  printf("latentseek_ext: tokens must lie in [0, V) = [0, %d), got %lld at row %lld\n", V, static_cast<long long>(x),
+         static_cast<long long>(row));
+  CUDA_KERNEL_ASSERT(false && "latentseek_ext: tokens must lie in [0, V)");
+  __trap();
+}
+
+__device__ __forceinline__ void check_given_token(int64_t x, int64_t row, int V) {
+  if (x < 0 || x >= V) report_bad_token(x, row, V);
+}
+
+__device__ __forceinline__ int64_t given_token(int64_t x, int V) { return x >= 0 && x < V ? x : 0; }
+
 // --- Kernel arguments shared by the fused kernels ------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t>
@@ -174,7 +210,7 @@ struct FusedArgs {
   const scalar_t* w;      // [V, H] contiguous
   const scalar_t* bias;   // [V] or nullptr
   const int64_t* tokens;  // [N] or nullptr (argmax)
-  const acc_t* reward;    // [N] or nullptr (1)
+  RowReward<acc_t> reward;
   int N, H, V;
   int row_tiles;  // blockIdx.x = slice * row_tiles + row_tile
   int slices;     // H slices of the accumulator (1 without grad)
@@ -194,7 +230,7 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_row_state(const FusedArgs<scalar_t, acc_t>& a, int split, int row,
                                                 const RowState<acc_t>& st) {
   if (a.splits == 1) {
-    const int64_t x = a.tokens ? a.tokens[row] : chosen_token(st);
+    const int64_t x = a.tokens ? given_token(a.tokens[row], a.V) : chosen_token(st);
     a.tokens_out[row] = x;
     a.logp_out[row] = final_logp(st, a.tokens ? st.lx : st.best);
   } else {

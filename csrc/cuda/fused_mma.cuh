@@ -1,11 +1,14 @@
 // The tensor-core kernel fused_mma_kernel (bf16 / fp16, the default while W is streamed through L2 at most
 // kMaxFusedPasses times). Grid = (row tiles of 32 rows x H slices) x vocabulary splits. A CTA walks its vocabulary
-// range in tiles of 64 rows of W. Phase A streams the tile in 64-column chunks of H through a 3-stage cp.async ring
+// range in tiles of 64 rows of W. Phase A streams the tile in 64-column chunks of H through a cp.async ring
 // together with the matching chunk of Z and computes S = Z_blk W_t^T (+ bias) with mma.sync m16n8k16 into fp32
 // registers. Phase B updates the online state of each row (max, argmax, first NaN, sum of exp, the given token's logit)
 // and writes P = exp(S - m_new) as bf16/fp16 to shared memory. Phase C rescales the fp32 accumulator O (kept in
 // registers) and adds P W_t for the CTA's H slice. The W chunks of that slice are kept in shared memory during phase A,
 // so phase C reads them from there: within a CTA each byte of W feeds both products and is read from memory once.
+// The ring has 3 stages (MmaTileLarge: 109,312 bytes of shared memory with the gradient) or 2 (MmaTileSmall: 97,024
+// bytes, for the 99 KB per block of sm_86 / sm_89); the launcher takes the one the device holds, and
+// LATENTSEEK_CUDA_TILES=small forces the small one on any GPU.
 //
 // Large H. O for 32 rows is 32 x H fp32 (448 KB at H = 3584): it does not fit on one SM. A CTA therefore owns an
 // H slice of at most 512 columns (8 chunks, 64 fp32 registers per thread) and there are ceil(H / 512) slices.
@@ -25,29 +28,9 @@
 #include <limits>
 
 #include "common.cuh"
+#include "latentseek/cuda_plan.h"
 
 namespace latentseek {
-
-struct MmaTile {
-  static constexpr int kWarpsM = 2;  // warps along rows (16 rows each)
-  static constexpr int kWarpsN = 4;  // warps along vocabulary (S) and along H (O)
-  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
-  static constexpr int kBM = 16 * kWarpsM;   // rows per CTA
-  static constexpr int kBN = 64;             // vocabulary entries per tile (16 per warp)
-  static constexpr int kBK = 64;             // H elements per chunk: 128-byte smem rows
-  static constexpr int kStages = 3;          // cp.async ring depth
-  static constexpr int kMaxSliceChunks = 8;  // O columns per CTA: 8 x 64 = 512 (64 regs/thread)
-  static constexpr int kZChunkBytes = kBM * kBK * 2;
-  static constexpr int kWChunkBytes = kBN * kBK * 2;
-  static constexpr int kPBytes = kBM * kBN * 2;
-  static constexpr int kRedBytes = 4 * kWarpsN * kBM * 4;  // max, idx, nan, sum per (column warp, row)
-  static constexpr int kRowBytes = 6 * kBM * 4;            // m, s, best, lx, idx, nan per row
-
-  static constexpr int smem_bytes(bool with_grad) {
-    return kStages * (kZChunkBytes + kWChunkBytes) + (with_grad ? kMaxSliceChunks * kWChunkBytes : 0) + kPBytes +
-           kRedBytes + kRowBytes;
-  }
-};
 
 // Byte offset of (row, 16-byte column chunk) in a tile of 128-byte rows. XOR-ing the chunk with the row's low
 // three bits puts the 8 rows that one ldmatrix phase (or 8 consecutive cp.async threads) touches on 8 distinct
@@ -56,9 +39,10 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk) {
   return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
 }
 
-template <typename scalar_t, bool kWithGrad>
-__global__ void __launch_bounds__(MmaTile::kThreads, 2) fused_mma_kernel(const FusedArgs<scalar_t, float> a) {
-  using T = MmaTile;
+// Tile: MmaTileLarge or MmaTileSmall (latentseek/cuda_plan.h), chosen per device by the launcher.
+template <typename Tile, typename scalar_t, bool kWithGrad>
+__global__ void __launch_bounds__(Tile::kThreads, 2) fused_mma_kernel(const FusedArgs<scalar_t, float> a) {
+  using T = Tile;
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -112,7 +96,10 @@ __global__ void __launch_bounds__(MmaTile::kThreads, 2) fused_mma_kernel(const F
 #pragma unroll
     for (int rh = 0; rh < 2; ++rh) {
       const int row = r0 + wr * 16 + g + 8 * rh;
-      if (row < a.N) tok[rh] = a.tokens[row];
+      if (row < a.N) {
+        tok[rh] = a.tokens[row];
+        if (split == 0 && slice == 0 && wc == 0 && t == 0) check_given_token(tok[rh], row, a.V);  // one per row
+      }
     }
   }
 
@@ -152,7 +139,7 @@ __global__ void __launch_bounds__(MmaTile::kThreads, 2) fused_mma_kernel(const F
     // The previous tile's phase C has finished reading `kept` and `p_tile` before they are overwritten.
     __syncthreads();
 
-    // ---- Phase A: S = Z_blk W_t^T over H, 3-stage cp.async pipeline (one commit group per chunk) ----
+    // ---- Phase A: S = Z_blk W_t^T over H, kStages-deep cp.async pipeline (one commit group per chunk) ----
 #pragma unroll
     for (int s = 0; s < T::kStages - 1; ++s) {
       if (s < KT) load_chunk(s, v0);
@@ -358,8 +345,8 @@ __global__ void __launch_bounds__(MmaTile::kThreads, 2) fused_mma_kernel(const F
         RowState<float> st;
         st.idx = row_idx[lrow];
         st.nan_idx = row_nan[lrow];
-        const int64_t x = a.tokens ? tok[rh] : chosen_token(st);
-        const float r = a.reward ? a.reward[row] : 1.f;
+        const int64_t x = a.tokens ? given_token(tok[rh], a.V) : chosen_token(st);
+        const float r = a.reward(row);
         const float inv_s = 1.f / row_s[lrow] * (1.f / Tc<scalar_t>::kPScale);
         const scalar_t* wx = a.w + x * a.H;
         float* grow = a.grad_out + static_cast<int64_t>(row) * a.H;

@@ -19,9 +19,10 @@ constexpr int kMergeThreads = 256;
 
 // The merge kernel's shared memory, all of it dynamic: [merged RowState][factor per split, zero padded]. Why the
 // padding: on an H200, compute-sanitizer memcheck reported a 12-byte shared read in the grad loop's factor[s]
-// that ran past a 2-split factor array. The PTX loads there are separate and guarded by s < splits, so the wider
-// read is ptxas's (inferred; the SASS was not inspected). Padding to a multiple of 4 entries plus 4 keeps every
-// such read inside the allocation and reading zeros; memcheck was clean after it.
+// that ran past a 2-split factor array. In nvcc 13's PTX (sm_90a) the loop is unrolled by 4: ld.shared.v4 loads cover
+// whole groups of 4 splits only (in bounds), and the remainder, all of a 2-split array, loads one float at a time
+// under s < splits; so the wider read is ptxas's (inferred; the SASS was not inspected). Padding to a multiple of 4
+// entries plus 4 keeps every such read inside the allocation and reading zeros; memcheck was clean after it.
 template <typename acc_t>
 constexpr size_t merge_state_bytes() {
   return (sizeof(RowState<acc_t>) + 15) / 16 * 16;
@@ -34,8 +35,8 @@ size_t merge_smem_bytes(int splits) {
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kMergeThreads)
-    merge_splits_kernel(const RowState<acc_t>* part_state, const acc_t* part_acc, int splits, int N, int H,
-                        acc_t acc_scale, const scalar_t* w, const int64_t* tokens, const acc_t* reward,
+    merge_splits_kernel(const RowState<acc_t>* part_state, const acc_t* part_acc, int splits, int N, int H, int V,
+                        acc_t acc_scale, const scalar_t* w, const int64_t* tokens, const RowReward<acc_t> reward,
                         int64_t* tokens_out, acc_t* logp_out, acc_t* grad_out) {
   extern __shared__ __align__(128) unsigned char merge_smem[];
   RowState<acc_t>& final_state = *reinterpret_cast<RowState<acc_t>*>(merge_smem);
@@ -73,19 +74,19 @@ __global__ void __launch_bounds__(kMergeThreads)
     factor[s] = s < splits ? rescale_factor(part_state[static_cast<int64_t>(s) * N + n].m, st.m) : acc_t(0);
   __syncthreads();
 
-  const int64_t x = tokens ? tokens[n] : chosen_token(st);
+  const int64_t x = tokens ? given_token(tokens[n], V) : chosen_token(st);
   if (tid == 0) {
     tokens_out[n] = x;
     logp_out[n] = final_logp(st, tokens ? st.lx : st.best);
   }
   if (grad_out == nullptr) return;
-  const acc_t r = reward ? reward[n] : acc_t(1);
+  const acc_t r = reward(n);
   const acc_t inv_s = acc_t(1) / st.s * acc_scale;  // acc_scale undoes fp16's P scale
   const scalar_t* wx = w + x * H;
   for (int h = tid; h < H; h += kMergeThreads) {
     acc_t acc = 0;
     for (int s = 0; s < splits; ++s) acc += factor[s] * part_acc[(static_cast<int64_t>(s) * N + n) * H + h];
-    // part_acc may alias grad_out (kernel 3, one split): this thread reads its element before writing it.
+    // part_acc may alias grad_out (the chunked path, one split): this thread reads its element before writing it.
     grad_out[static_cast<int64_t>(n) * H + h] = -r * (to_acc(wx[h]) - acc * inv_s);
   }
 }

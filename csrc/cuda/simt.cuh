@@ -8,24 +8,14 @@
 #include <limits>
 
 #include "common.cuh"
+#include "latentseek/cuda_plan.h"
 
 namespace latentseek {
-
-struct SimtTile {
-  static constexpr int kThreads = 256;  // 8 warps; warp w owns rows w and w + 8 of the tile
-  static constexpr int kRows = 16;
-  static constexpr int kBN = 32;  // one vocabulary entry per lane
-  static constexpr int kBK = 32;
-  template <typename acc_t>
-  static constexpr int slice_cols() {  // O columns per CTA: 2 rows x 16 registers per lane
-    return sizeof(acc_t) == 8 ? 256 : 512;
-  }
-};
 
 template <typename scalar_t, typename acc_t, bool kWithGrad>
 __global__ void __launch_bounds__(SimtTile::kThreads) fused_simt_kernel(const FusedArgs<scalar_t, acc_t> a) {
   using T = SimtTile;
-  constexpr int kCols = T::slice_cols<acc_t>();
+  constexpr int kCols = T::slice_cols(sizeof(acc_t));
   constexpr int kPerLane = kCols / 32;
   __shared__ acc_t zs[T::kRows][T::kBK + 1];  // +1: conflict-free column reads
   __shared__ acc_t ws[T::kBN][T::kBK + 1];
@@ -46,6 +36,7 @@ __global__ void __launch_bounds__(SimtTile::kThreads) fused_simt_kernel(const Fu
     st[rh] = RowState<acc_t>::empty(v_begin);
     const int row = r0 + warp + 8 * rh;
     tok[rh] = (a.tokens && row < a.N) ? a.tokens[row] : -1;
+    if (a.tokens && row < a.N && split == 0 && slice == 0 && lane == 0) check_given_token(tok[rh], row, a.V);
 #pragma unroll
     for (int j = 0; j < (kWithGrad ? kPerLane : 1); ++j) o[rh][j] = acc_t(0);
   }
@@ -131,8 +122,8 @@ __global__ void __launch_bounds__(SimtTile::kThreads) fused_simt_kernel(const Fu
     if (slice == 0 && lane == 0) store_row_state(a, split, row, st[rh]);
     if constexpr (!kWithGrad) continue;
     if (a.splits == 1) {
-      const int64_t x = a.tokens ? tok[rh] : chosen_token(st[rh]);
-      const acc_t r = a.reward ? a.reward[row] : acc_t(1);
+      const int64_t x = a.tokens ? given_token(tok[rh], a.V) : chosen_token(st[rh]);
+      const acc_t r = a.reward(row);
       const acc_t inv_s = acc_t(1) / st[rh].s;
       const scalar_t* wx = a.w + x * a.H;
 #pragma unroll

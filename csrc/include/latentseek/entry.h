@@ -1,5 +1,5 @@
 // The entry points of the ops, written once for every device: the shared checks, the outputs, the dtype switch, the
-// reshape to the leading dims and lm_head_logprob as the policy gradient with reward -1.
+// reshape to the leading dims, the float-reward overload and lm_head_logprob as the policy gradient with reward -1.
 // A device contributes a class (CpuDevice in csrc/cpu, CudaDevice in csrc/cuda) with
 //   static void check(const char* op, const LmHeadProblem& p);  // its own checks, after the shared ones
 //   struct Guard { explicit Guard(const at::Tensor& hidden); };  // held for the call (e.g. the CUDA device guard)
@@ -73,6 +73,16 @@ LmHeadResult lm_head_policy_grad_entry(const at::Tensor& hidden, const at::Tenso
                                        const c10::optional<at::Tensor>& tokens,
                                        const c10::optional<at::Tensor>& bias) {
   return lm_head_entry<Device>("lm_head_policy_grad", hidden, weight, reward, tokens, bias, 1.0, /*with_grad=*/true);
+}
+
+// lm_head_policy_grad.float_reward(hidden, weight, float reward, tokens=None, bias=None): the reward as a number
+// (a Python float), which reaches the kernels as a scale: no tensor, no host-to-device copy per call.
+template <typename Device>
+LmHeadResult lm_head_policy_grad_float_reward_entry(const at::Tensor& hidden, const at::Tensor& weight, double reward,
+                                                    const c10::optional<at::Tensor>& tokens,
+                                                    const c10::optional<at::Tensor>& bias) {
+  return lm_head_entry<Device>("lm_head_policy_grad", hidden, weight, c10::nullopt, tokens, bias, reward,
+                               /*with_grad=*/true);
 }
 
 // lm_head_logprob(hidden, weight, tokens=None, bias=None, with_grad=True) -> (logp, tokens, dlogp_dhidden):
