@@ -576,6 +576,9 @@ def to_payload(tag: str, stamp: dict, command: str, providers: list[str], runs: 
 def to_markdown(tag: str, stamp: dict, command: str, runs: list[CaseRun]) -> str:
     md = f"# Fused LM-head op benchmark: {tag}\n\n" + common.stamp_markdown(stamp) + "\n"
     md += f"Command: `{command}`\n\n"
+    if "ext_cpu_path" in stamp:
+        paths = ", ".join(f"{dt}: {path}" for dt, path in stamp["ext_cpu_path"].items())
+        md += f"The ext CPU kernel's tile products per input dtype: {paths} (widen: in fp32).\n\n"
     md += common.markdown_table(TABLE_HEADERS, [row for run in runs for row in table_rows(run)])
     md += (
         "\nProviders ran interleaved, one call each per round. GFLOP/s = 4NHV / median. x gemm-pair: the provider's "
@@ -670,6 +673,8 @@ def main(argv: list[str] | None = None) -> None:
         common.stamp(args.device, dirty),
         common.command_line(sys.argv if argv is None else [__file__, *argv]),
     )
+    if args.device == "cpu" and "ext" in providers:  # which tile products the CPU kernel runs, per dtype
+        stamp["ext_cpu_path"] = {dt: torch.ops.latentseek_ext.cpu_path(DTYPES[dt]) for dt in args.dtypes.split(",")}
     opts = RunOptions(min(args.min_runs, args.max_runs), args.max_runs, args.min_time, not args.no_memory)
     runs: list[CaseRun] = []
     for case in cases:
