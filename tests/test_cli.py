@@ -48,13 +48,14 @@ def test_unknown_subcommand_is_an_error():
 
 
 @pytest.fixture
-def tiny(monkeypatch):
-    """`latentseek.eval.cli.load_model` returning a tiny random model; records the calls."""
+def tiny(monkeypatch, device):
+    """`latentseek.eval.cli.load_model` returning a tiny random model on `device` (every device of the tests:
+    the commands then run on it whatever their --device, which only load_model reads); records the calls."""
     import latentseek.eval.cli as cli
     from tiny_lm import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer()
-    model = tiny_model("qwen2", vocab_size=len(tok))
+    model = tiny_model("qwen2", vocab_size=len(tok), device=device)
     calls = Calls()
 
     def fake_load(path, gguf_file=None, dtype=None, device="cpu"):
@@ -195,3 +196,12 @@ def test_help_shows_each_knob_with_the_defaults_of_its_methods(capsys, monkeypat
     assert "--rho RHO fraction of the answer's latents optimised; default 0.2 " in text
     assert "--reward {self,oracle} self-verification or the gold answer; default self " in text
     assert "--n-candidates" not in text
+
+
+def test_dtype_auto_leaves_the_choice_to_load_model(tmp_path, dataset, tiny):
+    import torch
+
+    for dtype in ("auto", "bf16"):
+        args = _eval_args(dataset, tmp_path / dtype, "--method", "cot", "--max-new-tokens", "2", "--limit", "1")
+        assert main([*args, "--dtype", dtype]) == 0
+    assert [call[2] for call in tiny] == [None, torch.bfloat16]  # None: load_model's default_dtype(device)

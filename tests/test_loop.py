@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import latentseek_ext
+from conftest import DEVICES
 from latentseek import LatentSeek, LatentSeekConfig
 from latentseek.chat import build_prompt_ids
 from latentseek.model import ModelAdapter
@@ -27,9 +28,9 @@ def tok():
 
 
 @pytest.fixture(scope="module", params=[("qwen2", False), ("llama", True)], ids=["qwen2-untied", "llama-tied"])
-def model(request, tok):
+def model(request, tok, device):
     arch, tie = request.param
-    return tiny_model(arch, vocab_size=len(tok), tie=tie)
+    return tiny_model(arch, vocab_size=len(tok), tie=tie, device=device)
 
 
 def config(**kw) -> LatentSeekConfig:
@@ -118,9 +119,9 @@ def test_token_counts(model, tok):
 # --- a stop token in the new prefix ------------------------------------------------------------------------------
 
 
-def test_a_stop_token_in_the_new_prefix_ends_the_answer(tok):
+def test_a_stop_token_in_the_new_prefix_ends_the_answer(tok, device):
     """The answer is cut after the prefix's first stop token and nothing is generated after it."""
-    model = tiny_model("qwen2", vocab_size=len(tok))
+    model = tiny_model("qwen2", vocab_size=len(tok), device=device)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     # the first answer of QUESTIONS[2] ends with EOS; optimise its last two latents with a tiny step, so the new
     # prefix is still (token, EOS)
@@ -168,8 +169,9 @@ def test_solve_batch_equals_solve_one_by_one(model, tok, knobs):
     assert len({r.steps for r in batch}) > 1, "the problems should leave the batch at different steps"
 
 
-@pytest.mark.skipif(not latentseek_ext.extension_available("cpu"), reason="latentseek_ext CPU kernel not built")
 def test_ext_and_reference_implementations_agree(model, tok):
+    if not latentseek_ext.extension_available(model.device):
+        pytest.skip(f"latentseek_ext has no compiled kernel for {model.device.type}")
     cfg = dict(rho=0.5, lr=0.3, max_steps=4)
     script = [-1.0, -0.5, -1.0, -0.5, 0.0]
     ext = LatentSeek(model, tok, Scripted(script), config(impl="ext", **cfg)).solve_batch(QUESTIONS)
@@ -178,10 +180,23 @@ def test_ext_and_reference_implementations_agree(model, tok):
         assert a.answer_ids == b.answer_ids and a.rewards == b.rewards
 
 
-def test_bfloat16_model_runs_with_float32_latents(tok):
-    model = tiny_model("qwen2", vocab_size=len(tok)).to(torch.bfloat16)
+def test_bfloat16_model_runs_with_float32_latents(tok, device):
+    model = tiny_model("qwen2", vocab_size=len(tok), device=device).to(torch.bfloat16)
     result = LatentSeek(model, tok, Scripted([-1.0, -1.0, 0.0]), config(rho=0.5, lr=0.3)).solve(QUESTIONS[1])
     assert result.steps == 2 and result.solved
+
+
+@pytest.mark.parametrize(
+    "knobs", [dict(rho=0.5, lr=0.3), dict(rho=0.6, start_index=3, lr=0.3)], ids=["start0", "start3"]
+)
+def test_graph_decode_gives_the_eager_results(model, tok, knobs):
+    """decode="graph" (static-shape steps; kept prompt caches reused by every step) changes no answer."""
+    script = [-1.0, -0.5, -1.0, 0.0]
+    eager = LatentSeek(model, tok, Scripted(script), config(decode="eager", **knobs)).solve_batch(QUESTIONS)
+    graph = LatentSeek(model, tok, Scripted(script), config(decode="graph", **knobs)).solve_batch(QUESTIONS)
+    for g, e in zip(graph, eager, strict=True):
+        assert (g.answer_ids, g.rewards, g.steps) == (e.answer_ids, e.rewards, e.steps)
+    assert any(len({tuple(a) for a in e.answer_ids}) > 1 for e in eager), "no answer changed: a vacuous comparison"
 
 
 def test_progress_reports_reach_the_total(model, tok):
@@ -240,8 +255,25 @@ def test_a_model_or_its_adapter_is_taken(model, tok):
 @pytest.mark.parametrize(
     "knobs",
     [dict(rho=1.5), dict(lr=0.0), dict(max_steps=-1), dict(start_index=-1), dict(max_new_tokens=0), dict(grad_clip=0)]
-    + [dict(impl="cuda")],
+    + [dict(impl="cuda"), dict(decode="cuda-graph")],
 )
 def test_config_values_are_checked(knobs):
     with pytest.raises(ValueError, match="LatentSeekConfig"):
         LatentSeekConfig(**knobs)
+
+
+CUDA_DEVICES = [d for d in DEVICES if d != "cpu"]
+if CUDA_DEVICES:  # generated only where a GPU is present (no skipped cases elsewhere)
+
+    @pytest.mark.parametrize("decode", ["eager", "graph"])
+    @pytest.mark.parametrize("cuda", CUDA_DEVICES)
+    def test_float32_on_cuda_equals_cpu(tok, cuda, decode):
+        """The loop in float32 on CUDA (the op's reference, so the math is the CPU's) gives the CPU's answers."""
+        cfg = config(rho=0.5, lr=0.3, impl="reference")
+        script = [-1.0, -0.5, -1.0, 0.0]
+        want = LatentSeek(tiny_model("qwen2", vocab_size=len(tok)), tok, Scripted(script), cfg).solve_batch(QUESTIONS)
+        gpu = tiny_model("qwen2", vocab_size=len(tok), device=cuda)
+        cfg = config(rho=0.5, lr=0.3, impl="reference", decode=decode)
+        got = LatentSeek(gpu, tok, Scripted(script), cfg).solve_batch(QUESTIONS)
+        for g, w in zip(got, want, strict=True):
+            assert (g.answer_ids, g.rewards, g.steps) == (w.answer_ids, w.rewards, w.steps)

@@ -42,8 +42,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    return ModelAdapter(tiny_model("qwen2", vocab_size=len(tok)))
+def model(tok, device):
+    return ModelAdapter(tiny_model("qwen2", vocab_size=len(tok), device=device))
 
 
 @pytest.fixture(scope="module")

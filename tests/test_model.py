@@ -15,7 +15,7 @@ from transformers import (
     Qwen2Model,
 )
 
-from latentseek.model import ModelAdapter
+from latentseek.model import ModelAdapter, default_dtype
 from tiny_lm import tiny_model, tiny_tokenizer
 
 V = len(tiny_tokenizer())
@@ -87,3 +87,8 @@ def test_a_model_without_lm_head_is_refused():
 def test_softcapping_set_to_none_is_fine():
     model = Gemma2ForCausalLM(Gemma2Config(**SMALL, head_dim=16, final_logit_softcapping=None)).eval()
     ModelAdapter(model)
+
+
+def test_default_dtype_is_bfloat16_on_cuda_and_float32_elsewhere():
+    assert default_dtype("cuda") is torch.bfloat16 and default_dtype(torch.device("cuda", 1)) is torch.bfloat16
+    assert default_dtype("cpu") is torch.float32 and default_dtype(torch.device("cpu")) is torch.float32

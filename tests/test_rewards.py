@@ -81,8 +81,8 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def model(tok):
-    return tiny_model("qwen2", vocab_size=len(tok))
+def model(tok, device):
+    return tiny_model("qwen2", vocab_size=len(tok), device=device)
 
 
 def _scripted(reward: SelfReward, replies: list[list[str]]) -> SelfReward:

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from latentseek_ext import IMPLS, Impl
 
+from .static_decode import DECODES, Decode
+
 #: The update length L never exceeds this many latents, whatever rho and the answer length (the original's cap).
 MAX_UPDATE_LENGTH = 300
 
@@ -28,6 +30,9 @@ class LatentSeekConfig:
         keep_best: return the best-rewarded answer seen instead of the last one (the earliest among equals).
         impl: implementation of the fused LM-head op (``latentseek_ext.lm_head_policy_grad``): ``"ext"`` (the
             compiled kernel), ``"reference"`` (pure torch), or ``"auto"`` (the kernel where it is built).
+        decode: how generation runs its decode steps (:func:`latentseek.generation.extend`): ``"eager"`` (the
+            reference) or ``"graph"`` (static shapes, captured in CUDA graphs on CUDA); None: the device's default
+            (:func:`latentseek.static_decode.default_decode`, eager everywhere until a GPU has verified the graph path).
     """
 
     rho: float = 0.2
@@ -39,6 +44,7 @@ class LatentSeekConfig:
     grad_clip: float | None = None
     keep_best: bool = False
     impl: Impl = "auto"
+    decode: Decode | None = None
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.rho <= 1.0):
@@ -57,6 +63,8 @@ class LatentSeekConfig:
             raise ValueError(f"LatentSeekConfig.grad_clip must be None or > 0, got {self.grad_clip}")
         if self.impl not in IMPLS:
             raise ValueError(f"LatentSeekConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.decode is not None and self.decode not in DECODES:
+            raise ValueError(f"LatentSeekConfig.decode must be None or one of {DECODES}, got {self.decode!r}")
 
 
 def update_length(answer_length: int, rho: float, start_index: int) -> int:

@@ -233,6 +233,7 @@ class LatentSeek:
                 self.stop_ids,
                 return_hidden=True,
                 keep_prefix=[len(s.prompt) + start for s in searches],
+                decode=self.config.decode,
             )
         for s, tokens, hidden, cache in zip(searches, gen.tokens, gen.hidden, gen.prefixes, strict=True):
             s.answers.append(tokens)
@@ -297,7 +298,11 @@ class LatentSeek:
             else:
                 s.answers.append(s.kept + s.prefix[: cut + 1])
         with self._timed(searches, "generate"):
-            gen = extend(self.adapter, rows, self.config.max_new_tokens, self.stop_ids) if rows else None
+            gen = (
+                extend(self.adapter, rows, self.config.max_new_tokens, self.stop_ids, decode=self.config.decode)
+                if rows
+                else None
+            )
         for i, s in enumerate(continued):
             s.answers.append(s.kept + s.prefix + gen.tokens[i])
             s.generated += len(gen.tokens[i])

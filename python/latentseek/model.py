@@ -170,6 +170,13 @@ _FOLDER_HINT = (
 )
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The weights' dtype when none is asked for (``load_model(dtype=None)``, ``--dtype auto``): bfloat16 on CUDA,
+    float32 elsewhere (bfloat16 matmuls are slow on CPUs without bfloat16 matrix units). The one place that choice
+    is made."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load_model(
     path: str | os.PathLike,
     gguf_file: str | None = None,
@@ -184,8 +191,7 @@ def load_model(
         path: a model directory, a GGUF file (recognised by its magic bytes; ``gguf_file`` is then taken from it),
             or a Hugging Face hub id ``owner/name`` (needs a network or the hub cache).
         gguf_file: the GGUF file name inside the directory ``path`` (transformers dequantises it on load).
-        dtype: the weights' dtype; None picks float32 on CPU (bfloat16 matmuls are slow on CPUs without AMX) and
-            bfloat16 on CUDA.
+        dtype: the weights' dtype; None: :func:`default_dtype` of the device (bfloat16 on CUDA, float32 on CPU).
         device: where the model goes.
         chat_template: a Jinja chat template for a tokenizer that has none (LatentSeek prompts through the chat
             template); None keeps the tokenizer's own.
@@ -231,7 +237,7 @@ def load_model(
     if not getattr(tokenizer, "chat_template", None):
         raise _no_chat_template(path)
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = default_dtype(device)
     model = _from_transformers(path, "model", AutoModelForCausalLM.from_pretrained, directory, dtype=dtype, **kwargs)
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:

@@ -28,7 +28,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, help="a model directory, a .gguf file, or a hub id")
     g.add_argument("--gguf-file", default=None, help="the GGUF file inside the --model directory")
     g.add_argument(
-        "--dtype", choices=tuple(DTYPES), default=None, help="weights dtype (default fp32 on CPU, bf16 on CUDA)"
+        "--dtype", choices=("auto", *DTYPES), default="auto", help="weights dtype (auto: bf16 on CUDA, fp32 on CPU)"
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun cuda means cuda:LOCAL_RANK)")
 
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace, device: str):
     return load_model(
-        args.model, gguf_file=args.gguf_file, dtype=None if args.dtype is None else DTYPES[args.dtype], device=device
+        args.model, gguf_file=args.gguf_file, dtype=None if args.dtype == "auto" else DTYPES[args.dtype], device=device
     )
 
 

@@ -502,6 +502,7 @@ KNOB_HELP: dict[str, str] = {
     "grad_clip": "clip each problem's gradient to this L2 norm",
     "keep_best": "return the best-rewarded answer, not the last",
     "impl": "fused LM-head op",
+    "decode": "decode steps: eager, or graph (static shapes, captured in CUDA graphs on CUDA); unset: the device's",
 }
 
 
