@@ -16,6 +16,10 @@ runner: ``-1`` for ``--steps`` answers, then ``0``), so every problem takes exac
 
     python benchmarks/bench_loop.py                       # writes benchmarks/results/loop-cpu.{json,md,png}
     python benchmarks/bench_loop.py --arch qwen2.5-0.5b --max-new-tokens 100 --tag loop-qwen
+
+``--device cuda`` runs the GPU benchmark instead (benchmarks/loop_sweep.py: Qwen2.5-1.5B and 7B architectures in
+bf16, batch sizes 1-64, phases, decode rate against its floor, the original's way, the memory story); ``--sweep
+--device cpu --archs tiny`` runs that benchmark on the CPU (the tests' smoke run).
 """
 
 from __future__ import annotations
@@ -65,6 +69,47 @@ ARCHS = {
             rope_theta=1000000.0,
             rms_norm_eps=1e-6,
             tie_word_embeddings=True,
+        ),
+    ),
+    "qwen2.5-1.5b": (
+        "qwen2",
+        dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen2.5-7b": (
+        "qwen2",
+        dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            rope_theta=1000000.0,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+        ),
+    ),
+    # not a real model: the GPU benchmark's smoke run on a CPU
+    "tiny": (
+        "qwen2",
+        dict(
+            vocab_size=512,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
         ),
     ),
 }
@@ -177,8 +222,23 @@ def plot(payload: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def sweep_requested(argv: list[str]) -> bool:
+    """Whether the command line asks for the GPU benchmark (--device other than cpu, or --sweep)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--device", default="cpu")
+    pre.add_argument("--sweep", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    return known.sweep or known.device != "cpu"
+
+
 def main() -> None:
+    if sweep_requested(sys.argv[1:]):
+        import loop_sweep
+
+        loop_sweep.main(sys.argv[1:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu"], default="cpu", help="cuda: the GPU benchmark (see above)")
     parser.add_argument("--arch", choices=sorted(ARCHS), default="smollm2-135m")
     parser.add_argument("--max-new-tokens", type=int, default=300)
     parser.add_argument("--prompt-words", type=int, default=40)

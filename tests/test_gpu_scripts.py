@@ -4,6 +4,7 @@ benchmarks/sanitizer_case.py runs on the CPU kernel; bench_op.py's explicit case
 lines are checked on made-up rows; gpu_session.sh parses and prints its usage.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -99,3 +100,56 @@ def test_cuda_targets_pass_fail_or_undecided_on_the_band():
     assert "(fraction of the floor) >= 0.6: 0.8 (p20-p80 0.80-0.80, 5 rounds)" in text
     assert "ext peak extra memory = 3.00 x N*H*4 bytes; the reference's 100 x" in text
     assert bench_op.target_lines(runs, "cpu") == []  # the CUDA issue's targets are judged on CUDA only
+
+
+
+def test_bench_loop_cuda_benchmark_runs_on_cpu(tmp_path):
+    """bench_loop.py --device cuda's benchmark (loop_sweep.py) with --device cpu on a tiny model: every row it
+    writes, so a lease is not spent finding a bug in it. (The numbers of a loaded CPU mean nothing.)"""
+    script = ROOT / "benchmarks" / "bench_loop.py"
+    args = ["--sweep", "--device", "cpu", "--archs", "tiny", "--batches", "1,2", "--impls", "auto,reference"]
+    args += ["--prompt-tokens", "16", "--answer-tokens", "5", "--steps", "1", "--reps", "1"]
+    args += ["--out-dir", str(tmp_path), "--tag", "smoke"]
+    proc = subprocess.run([sys.executable, str(script), *args], env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    payload = json.loads((tmp_path / "smoke.json").read_text())
+    (arch,) = payload["archs"]
+    assert [(r["batch"], r["impl"]) for r in arch["latentseek"]] == [
+        (1, "auto"),
+        (1, "reference"),
+        (2, "auto"),
+        (2, "reference"),
+    ]
+    for row in arch["latentseek"]:
+        assert row["steps"] == [1] * row["batch"] and row["generated_tokens"] > 0
+        assert set(row["phases_s"]) == {"generate", "reward", "update"}
+        assert 0 < row["op_share_of_update"] <= 1
+    assert [(r["batch"], r["decode"]) for r in arch["decode"]] == [
+        (1, "eager"),
+        (1, "graph"),
+        (2, "eager"),
+        (2, "graph"),
+    ]
+    assert all(r["floor_tokens_per_s"] > 0 for r in arch["decode"])
+    original = arch["original"]
+    assert original["answers"] == 2 and 5 <= original["generated_tokens"] <= 5 + 5  # first answer, continuation
+    assert "memory" not in arch  # the memory story needs CUDA's memory fraction
+    assert "### The original's way" in (tmp_path / "smoke.md").read_text()
+
+
+@pytest.mark.parametrize("limit", [0, 5, 16, 17, 100, 300, 511, 4096])
+def test_memory_story_finds_the_largest_batch_that_runs(limit):
+    import loop_sweep
+
+    tried = []
+
+    def fits(batch):
+        tried.append(batch)
+        return batch <= limit
+
+    lo, hi = loop_sweep.largest_batch(fits, start=16, most=512)
+    if limit >= 512:
+        assert (lo, hi) == (512, None)
+    else:
+        assert lo <= limit < hi and hi - lo <= max(1, lo // 8)
+    assert len(tried) == len(set(tried)) <= 12
