@@ -4,7 +4,7 @@ machine can run. Paths it cannot run are tested for their refusal instead; none 
 
     widen  bf16/fp16 tiles widened to fp32, ATen's fp32 GEMM (every CPU)
     bf16   bf16 matrix units (AMX-BF16 / AVX512-BF16) through oneDNN's brgemm, fp32 accumulation and output
-    fp16   the same on fp16 units (AMX-FP16 / AVX512-FP16)
+    fp16   the same on fp16 matrix units (AMX-FP16)
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def make(N, H, V, dtype, scale=1.0, bias=False):
 
 
 def _has_units(caps, kind: str) -> bool:
+    """bf16: AMX-BF16 or AVX512-BF16; fp16: AMX-FP16 only (AVX512-FP16 alone widens, see cpu_paths.h)."""
     avx512 = all(caps.get(k, False) for k in ("avx512_f", "avx512_bw", "avx512_vl", "avx512_dq"))
-    return avx512 and (
-        caps.get(f"avx512_{kind}", False) or (caps.get("amx_tile", False) and caps.get(f"amx_{kind}", False))
-    )
+    amx = caps.get("amx_tile", False) and caps.get(f"amx_{kind}", False)
+    return avx512 and (amx or (kind == "bf16" and caps.get("avx512_bf16", False)))
 
 
 def test_available_paths_follow_the_cpu_capability():

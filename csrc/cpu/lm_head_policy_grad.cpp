@@ -13,8 +13,8 @@
 // (latentseek/cpu_paths.h, which also holds the LATENTSEEK_CPU_PATH override):
 // - widen: the W tile is widened to fp32 and both products run in ATen's fp32 GEMM (MKL). Without bf16/fp16 matrix
 //   units (an AVX2 or plain AVX-512 CPU) ATen's 16-bit GEMMs are emulated and several times slower than fp32.
-// - units (AMX, AVX512-BF16, AVX512-FP16): both products run on the 16-bit operands with fp32 accumulation and
-//   fp32 output through oneDNN's brgemm ukernel (UnitsTile below).
+// - units (AMX-BF16 or AVX512-BF16 for bf16, AMX-FP16 for fp16): both products run on the 16-bit operands with fp32
+//   accumulation and fp32 output through oneDNN's brgemm ukernel (UnitsTile below).
 // fp32 and fp64 inputs use ATen's GEMM in their own dtype.
 //
 // Precision. The logits are accumulated and kept in float32 (float64 for float64 inputs) on every path: products of
@@ -613,7 +613,6 @@ struct CpuDevice {
 
 TORCH_LIBRARY_IMPL(latentseek_ext, CPU, m) {
   m.impl("lm_head_policy_grad", &lm_head_policy_grad_entry<CpuDevice>);
-  m.impl("lm_head_policy_grad.float_reward", &lm_head_policy_grad_float_reward_entry<CpuDevice>);
   m.impl("lm_head_logprob", &lm_head_logprob_entry<CpuDevice>);
 }
 

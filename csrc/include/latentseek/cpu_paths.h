@@ -8,7 +8,9 @@
 //          fp32 accumulation and fp32 output, through oneDNN's brgemm ukernel as ATen exposes it
 //          (at::native::cpublas::brgemm with B in the VNNI-2 layout [K/2, N, 2]). The logits come out in fp32 and are
 //          never rounded; P is rounded to bf16 only as the operand of P W_t (see csrc/cpu for the precision argument).
-//   fp16   the same on fp16 units (AMX-FP16, or AVX512-FP16), P stored times 2^14 so that no probability is subnormal.
+//   fp16   the same on AMX-FP16, P stored times 2^14 so that no probability is subnormal. A CPU with AVX512-FP16
+//          but no AMX-FP16 widens: AVX512-FP16's FMAs accumulate in fp16, which oneDNN avoids for GEMMs (as torch's
+//          CPUBlas.cpp notes), so there is no fp16 unit to gain from, and the ukernel's B layout there is unverified.
 // fp32 and fp64 inputs have one path each, their own GEMM ("fp32", "fp64").
 //
 // Capability comes from ATen's query (at::cpu::get_cpu_capabilities(), which reads cpuinfo). A units path counts as
@@ -45,7 +47,6 @@ struct CpuCaps {
   bool avx512 = false;       // AVX-512 F/BW/VL/DQ: the packing loops of the units paths
   bool avx512_bf16 = false;  // vdpbf16ps
   bool amx_bf16 = false;
-  bool avx512_fp16 = false;
   bool amx_fp16 = false;
 
   // The strongest level, for messages: amx, avx512_bf16, avx512, avx2 or baseline.
@@ -70,7 +71,6 @@ inline const CpuCaps& cpu_caps() {
     c.avx512 = has("avx512_f") && has("avx512_bw") && has("avx512_vl") && has("avx512_dq");
     c.avx512_bf16 = c.avx512 && has("avx512_bf16");
     c.amx_bf16 = c.avx512 && has("amx_tile") && has("amx_bf16");
-    c.avx512_fp16 = c.avx512 && has("avx512_fp16");
     c.amx_fp16 = c.avx512 && has("amx_tile") && has("amx_fp16");
     return c;
   }();
@@ -131,7 +131,7 @@ inline bool units_available(at::ScalarType dtype) {
     return ok;
   }
   if (dtype == at::kHalf) {
-    static const bool ok = (caps.amx_fp16 || caps.avx512_fp16) && units_self_test<at::Half>();
+    static const bool ok = caps.amx_fp16 && units_self_test<at::Half>();
     return ok;
   }
   return false;
@@ -141,8 +141,8 @@ inline bool units_available(at::ScalarType dtype) {
 inline std::string units_missing(at::ScalarType dtype) {
   const CpuCaps& caps = cpu_caps();
   const bool bf16 = dtype == at::kBFloat16;
-  if (bf16 ? !(caps.amx_bf16 || caps.avx512_bf16) : !(caps.amx_fp16 || caps.avx512_fp16))
-    return std::string("this CPU has no ") + (bf16 ? "AMX-BF16 or AVX512-BF16" : "AMX-FP16 or AVX512-FP16") +
+  if (bf16 ? !(caps.amx_bf16 || caps.avx512_bf16) : !caps.amx_fp16)
+    return std::string("this CPU has no ") + (bf16 ? "AMX-BF16 or AVX512-BF16" : "AMX-FP16") +
            " (its level is " + caps.level() + ")";
   if (!at::globalContext().userEnabledMkldnn()) return "oneDNN is disabled (torch.backends.mkldnn.enabled is False)";
   return "oneDNN's brgemm ukernel did not return the exact fp32 product in a self-test (a torch build without it?)";
