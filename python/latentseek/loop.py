@@ -49,6 +49,7 @@ from .config import LatentSeekConfig, update_length
 from .generation import extend
 from .kv_cache import PrefixCache
 from .model import ModelAdapter
+from .progress import ProgressCallback, enter_phase, reporting
 from .rewards import RewardLike, as_reward, evaluate
 
 PHASES = ("generate", "reward", "update")
@@ -177,6 +178,7 @@ class LatentSeek:
         *,
         progress: bool | Callable[[int, int], None] = False,
         on_answer: AnswerCallback | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> list[Result]:
         """LatentSeek on several problems at once; the results equal those of :meth:`solve` one by one.
 
@@ -186,7 +188,14 @@ class LatentSeek:
             progress: True shows a tqdm bar; a callable gets ``(problems finished, total)`` after every phase.
             on_answer: called as ``on_answer(problem index, step, answer text, reward)`` for every rewarded answer
                 (step 0 is the initial answer), e.g. to stream a search as it goes.
+            on_progress: gets a :class:`~latentseek.progress.ProgressEvent` at every phase and, while a generation
+                runs, at most every :data:`~latentseek.progress.INTERVAL` seconds (phase, step, tokens so far),
+                so that a slow batch can be told from a hung one. The same events go to an enclosing
+                :func:`latentseek.progress.reporting` block when this is None.
         """
+        if on_progress is not None:
+            with reporting(on_progress):
+                return self.solve_batch(problems, golds, progress=progress, on_answer=on_answer)
         if isinstance(problems, str) or not isinstance(problems, Sequence):
             raise TypeError("solve_batch takes a list of problems")
         if not problems:
@@ -329,7 +338,10 @@ class LatentSeek:
 
     @contextmanager
     def _timed(self, searches: list[_Search], phase: str):
-        """Add the phase's wall time, shared equally, to each problem taking part (CUDA work included)."""
+        """Add the phase's wall time, shared equally, to each problem taking part (CUDA work included); the phase is
+        announced to :mod:`latentseek.progress` with the optimiser steps its problems have taken so far."""
+        steps = max((s.steps for s in searches), default=0)
+        enter_phase(phase, problems=len(searches), step=steps, max_steps=self.config.max_steps)
         t0 = time.perf_counter()
         yield
         if self.adapter.device.type == "cuda":

@@ -44,6 +44,7 @@ from ..errors import ConfigError
 from ..generation import Picker, extend, greedy_picker, sampling_picker
 from ..loop import AnswerCallback, LatentSeek, Result
 from ..model import ModelAdapter
+from ..progress import enter_phase
 from ..rewards import BOXED_FORMAT, BatchReward, OracleReward, RewardLike, SelfReward, as_reward, evaluate
 from .data import Problem
 from .judge import answers_match, extract_answer, is_equivalent
@@ -326,6 +327,7 @@ class CoT(_Generating):
 
     def solve_batch(self, problems: Sequence[Problem]) -> list[Record]:
         t0 = time.perf_counter()
+        enter_phase("generate", problems=len(problems))
         tokens = self._greedy(problems)
         seconds = self._seconds(t0, problems)
         return [
@@ -351,6 +353,7 @@ class BestOfN(_Generating):
     def solve_batch(self, problems: Sequence[Problem]) -> list[BestOfNRecord]:
         n = self.settings.n_candidates
         t0 = time.perf_counter()
+        enter_phase("generate", problems=len(problems))
         greedy = self._greedy(problems)
         sampled = self._sample(problems, first=1)
         candidates = [[g, *s] for g, s in zip(greedy, sampled, strict=True)]
@@ -358,6 +361,7 @@ class BestOfN(_Generating):
         flat_q = [question_text(self.messages(p)) for p in problems for _ in range(n)]
         flat_a = [t for ts in texts for t in ts]
         flat_g = [p.gold for p in problems for _ in range(n)]
+        enter_phase("reward", problems=len(problems))
         scores = evaluate(self.reward, flat_q, flat_a, flat_g)
         seconds = self._seconds(t0, problems)
         records = []
@@ -391,6 +395,7 @@ class SelfConsistency(_Generating):
 
     def solve_batch(self, problems: Sequence[Problem]) -> list[SelfConsistencyRecord]:
         t0 = time.perf_counter()
+        enter_phase("generate", problems=len(problems))
         samples = self._sample(problems, first=0)
         seconds = self._seconds(t0, problems)
         records = []

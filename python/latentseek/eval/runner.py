@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from latentseek.eval.storage import (
     supersede,
     write_config,
 )
+from latentseek.progress import ProgressEvent, reporting
 
 
 class Method(Protocol):
@@ -169,11 +171,75 @@ def _check_batch(method: Method, batch: Sequence[Problem], records: Sequence[Rec
             )
 
 
-def _progress_bar(total: int, initial: int, dist_info: DistInfo, label: str, enabled: bool):
-    from tqdm.auto import tqdm
+#: On a stream that is not a terminal (a CI log), the most seconds between two progress lines.
+LINE_INTERVAL = 30.0
+#: The most seconds between two redraws of the bar for progress within a batch.
+BAR_INTERVAL = 0.5
 
-    desc = f"{label} [rank {dist_info.rank}/{dist_info.world_size}]" if dist_info.world_size > 1 else label
-    return tqdm(total=total, initial=initial, desc=desc, unit="problem", position=dist_info.rank, disable=not enabled)
+
+class _Display:
+    """The run's progress on stderr: problems finished, and within the batch in flight the method's phase, step and
+    tokens (:mod:`latentseek.progress`), so that a slow batch can be told from a hung one.
+
+    On a terminal, a tqdm bar (one per rank under torchrun). Elsewhere (a CI log) plain lines: the first news at once,
+    then at most one line every :data:`LINE_INTERVAL` seconds, and one at the end; each rank writes its own.
+    """
+
+    def __init__(self, total: int, done: int, correct: int, batches: int, dist_info: DistInfo, label: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.total, self.done, self.correct, self.batches = total, done, correct, batches
+        self.label = f"{label} [rank {dist_info.rank}/{dist_info.world_size}]" if dist_info.world_size > 1 else label
+        self.batch = 0
+        self.event: ProgressEvent | None = None
+        self.next_draw = 0.0
+        self.bar = None
+        if sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=done, desc=self.label, unit="problem", position=dist_info.rank)
+
+    def status(self) -> str:
+        parts = [f"acc {self.correct}/{self.done} = {self.correct / self.done:.1%}"] if self.done else []
+        if self.batch:
+            parts.append(f"batch {self.batch}/{self.batches}")
+        if self.event is not None:
+            parts.append(self.event.describe())
+        return " · ".join(parts)
+
+    def draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now < self.next_draw:
+            return
+        if self.bar is not None:
+            self.next_draw = now + BAR_INTERVAL
+            self.bar.set_postfix_str(self.status())
+        else:
+            self.next_draw = now + LINE_INTERVAL
+            line = " · ".join(filter(None, [f"{self.label}: {self.done}/{self.total} problems", self.status()]))
+            print(line, file=sys.stderr, flush=True)
+
+    def start_batch(self) -> None:
+        self.batch += 1
+        self.event = None
+        if self.bar is not None:  # a line waits for news: the batch's first phase, or a problem done
+            self.draw()
+
+    def on_event(self, event: ProgressEvent) -> None:
+        self.event = event
+        self.draw()
+
+    def finished(self, correct: bool) -> None:
+        self.done += 1
+        self.correct += correct
+        if self.bar is not None:
+            self.bar.update(1)
+        self.draw()
+
+    def close(self) -> None:
+        self.event = None
+        self.batch = 0
+        self.draw(force=True)
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_eval(
@@ -228,24 +294,29 @@ def run_eval(
         done, correct = len(prior), sum(r.record.correct for r in prior)
         path = out / RESULTS_FILE if dist_info.world_size == 1 else shard_path(out, dist_info.rank)
         interrupted = False
-        with (
-            StopRequest() as stop,
-            RecordWriter(path) as writer,
-            _progress_bar(done + len(mine), done, dist_info, out.name, progress) as bar,
-        ):
-            for start in range(0, len(mine), batch_size):
-                batch = mine[start : start + batch_size]
-                records = method.solve_batch(batch)
-                _check_batch(method, batch, records)
-                for problem, record in zip(batch, records, strict=True):
-                    writer.append(StoredRecord(problem.id, problem.gold, record).to_json())
-                    done += 1
-                    correct += record.correct
-                    bar.update(1)
-                    bar.set_postfix_str(f"acc {correct}/{done} = {correct / done:.1%}")
-                if stop.requested and start + batch_size < len(mine):
-                    interrupted = True
-                    break
+        batches = -(-len(mine) // batch_size)
+        display = _Display(done + len(mine), done, correct, batches, dist_info, out.name) if progress else None
+        try:
+            with StopRequest() as stop, RecordWriter(path) as writer:
+                for start in range(0, len(mine), batch_size):
+                    batch = mine[start : start + batch_size]
+                    if display is None:
+                        records = method.solve_batch(batch)
+                    else:
+                        display.start_batch()
+                        with reporting(display.on_event):
+                            records = method.solve_batch(batch)
+                    _check_batch(method, batch, records)
+                    for problem, record in zip(batch, records, strict=True):
+                        writer.append(StoredRecord(problem.id, problem.gold, record).to_json())
+                        if display is not None:
+                            display.finished(record.correct)
+                    if stop.requested and start + batch_size < len(mine):
+                        interrupted = True
+                        break
+        finally:
+            if display is not None:
+                display.close()
 
         if _barrier(dist_info) and lead:
             merge_shards(out, ids)
