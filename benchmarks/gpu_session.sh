@@ -1,33 +1,36 @@
 #!/usr/bin/env bash
-# Everything a GPU session does for the CUDA kernel, on a machine with torch (CUDA build), nvcc, compute-sanitizer
-# and no package registry:
+# Everything a GPU session does for the CUDA kernel, in at most 8 minutes on a fresh machine with torch (CUDA
+# build), nvcc, compute-sanitizer, ncu and no package registry:
 #
 #   bash benchmarks/gpu_session.sh OUTDIR [STAGE ...]
+#   PLAN_ONLY=1 bash benchmarks/gpu_session.sh OUTDIR      (prints the stages and their time limits, runs nothing)
 #
-# Stages, in order (default: all): env wheels build test sanitize bench profile
-#   env       device, driver, toolkit and torch versions                          -> OUTDIR/env.txt
-#   wheels    pip-installs .whl/*.whl offline (benchmarks/fetch_gpu_wheels.sh fills .whl/ on a machine with PyPI):
-#             pytest and friends where missing, Liger and Cut Cross-Entropy for the benchmark
-#   build     builds latentseek_ext._C in place against this torch, for this GPU's arch (TORCH_CUDA_ARCH_LIST
-#             overrides), and checks that the CUDA kernel registered                  -> OUTDIR/build.log
-#   test      pytest tests/test_op*.py (CUDA cases included), then the slow N*V > 2^31 case
-#                                                                   -> OUTDIR/test*.log, OUTDIR/test*.xml
-#   sanitize  compute-sanitizer memcheck, racecheck, synccheck, initcheck on benchmarks/sanitizer_case.py
-#                                                                                     -> OUTDIR/sanitize-*.log
-#   bench     benchmarks/bench_op.py --device cuda for the automatic kernel choice, and for each CUDA kernel
-#             forced (LATENTSEEK_CUDA_KERNEL) that BENCH_KERNELS names          -> OUTDIR/bench-*/, bench-*.log
-#   profile   Nsight Compute speed-of-light of the fused and chunked kernels at N=64 H=896 V=151936 bf16
-#                                                                                       -> OUTDIR/profile.txt
-# Each stage runs under a time limit (STAGE_TIMEOUT, default 240 s), and a failed stage does not stop the later
-# ones; OUTDIR/summary.txt gets one line per stage and the exit status is non-zero if any stage failed.
-# The defaults fit one call of a 15-minute lease (the device tool returns at most 8 files, so pack OUTDIR):
-#   timeout 560 bash benchmarks/gpu_session.sh /tmp/gs; tar czf "$OUT/gs.tgz" -C /tmp gs
-# Sized from the stage times of the 2026-11-29 H200 session: env 5 s, build 40-65 s, op tests about 2 min,
-# memcheck + racecheck on the first calls 16 s, the bf16 benchmark of the 5 default shapes 72 s.
-# Knobs: TEST_FILES (default tests/test_op*.py), PYTEST_ARGS (extra pytest arguments), SANITIZE_TOOLS (default
-# "memcheck racecheck synccheck initcheck"), BENCH_KERNELS (default "auto"; "auto fused chunked" also forces each
-# kernel), BENCH_ARGS (default: 5 shapes in bf16 and fp16; "--cases gpu --dtypes bf16,fp16,fp32" is the full grid,
-# which needs a longer lease), LS_CC / LS_CXX (the host compilers of the build).
+# Stages, in order of value (default: all), each under its own time limit (seconds, LIMIT_<stage> overrides) and
+# all of them under BUDGET (default 470 s: a stage gets what is left when that is less than its own limit, and is
+# skipped when that is under 15 s). A failed stage does not stop the later ones. All output goes under OUTDIR.
+#   env        10  device, driver, toolkit and torch versions                                  -> env.txt
+#   wheels     15  pip-installs .whl/*.whl offline where .whl/ exists (Liger, Cut CE for the benchmark; see
+#                  benchmarks/fetch_gpu_wheels.sh), keeping what is already importable            -> wheels.log
+#   build     145  latentseek_ext._C in place for this GPU's arch (TORCH_CUDA_ARCH_LIST overrides), and a check
+#                  that the CUDA kernel registered                                               -> build.log
+#   test      100  the whole CUDA suite: tests/test_op_cuda.py (every kernel path, the small-shared-memory tiles,
+#                  the slow N*V > 2^31 case) and the CUDA cases of tests/test_op.py, with pytest-xdist where
+#                  importable (PYTEST_WORKERS, default 4)                                        -> test.log, test.xml
+#   sanitize   70  compute-sanitizer memcheck, racecheck, synccheck and initcheck on benchmarks/sanitizer_case.py
+#                  (every kernel path, both tile configurations), the four tools in parallel -> sanitize-<tool>.log
+#   bench      45  benchmarks/bench_op.py --device cuda on BENCH_ARGS (default: 3 shapes, bf16), providers
+#                  gemm-pair, reference, ext, and Liger / Cut CE where importable (BENCH_PROVIDERS overrides; not
+#                  reference-compile, whose compilations would take the stage)              -> bench/, bench.log
+#   timesplit  50  benchmarks/time_split.py: per-kernel times, host gap, CUDA-graph replay, and the fused-vs-
+#                  chunked sweep over N at H = 896, 1536, 3584                          -> timesplit/, timesplit.log
+#   ncu        35  Nsight Compute on the fused kernel and its merge at N=64 H=896 V=151936 bf16: speed of light,
+#                  memory workload analysis (shared memory, L2, DRAM), occupancy, launch -> ncu.txt, ncu-fused.ncu-rep
+# OUTDIR/summary.txt gets one line per stage; the exit status is non-zero if any stage failed. The device tool
+# returns at most 8 files, so pack OUTDIR:
+#   bash benchmarks/gpu_session.sh /tmp/gs; tar czf "$OUT/gs.tgz" -C /tmp gs
+# Knobs: BUDGET, LIMIT_<stage>, PYTEST_WORKERS, PYTEST_ARGS (extra pytest arguments), SANITIZE_TOOLS (default
+# "memcheck racecheck synccheck initcheck"), BENCH_ARGS, BENCH_PROVIDERS, TIMESPLIT_ARGS, LS_CC / LS_CXX (the host
+# compilers of the build), PY (the interpreter whose torch has CUDA).
 set -uo pipefail
 
 if [ $# -lt 1 ]; then
@@ -38,16 +41,37 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
 shift
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(env wheels build test sanitize bench profile)
-STAGE_TIMEOUT="${STAGE_TIMEOUT:-240}"
-BENCH_KERNELS="${BENCH_KERNELS:-auto}"
-LEASE_CASES="Qwen2.5-0.5B:64,Qwen2.5-0.5B:300,Qwen2.5-1.5B:2048,Llama-3.1-8B:2048,Qwen2.5-7B:4096"
-BENCH_ARGS="${BENCH_ARGS:---cases $LEASE_CASES --dtypes bf16,fp16 --min-time 0.5 --max-runs 10}"
-SANITIZE_TOOLS="${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}"
-TEST_FILES="${TEST_FILES:-tests/test_op*.py}"
+ALL_STAGES=(env wheels build test sanitize bench timesplit ncu)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=("${ALL_STAGES[@]}")
+declare -A LIMIT=([env]=10 [wheels]=15 [build]=145 [test]=100 [sanitize]=70 [bench]=45 [timesplit]=50 [ncu]=35)
+for s in "${ALL_STAGES[@]}"; do
+  var="LIMIT_$s"
+  [ -n "${!var:-}" ] && LIMIT[$s]="${!var}"
+done
+BUDGET="${BUDGET:-470}"
+KILL_GRACE=10  # seconds a timed-out command gets between SIGTERM and SIGKILL, counted inside the budget
+MIN_STAGE=15
+PYTEST_WORKERS="${PYTEST_WORKERS:-4}"
 PYTEST_ARGS="${PYTEST_ARGS:-}"
+SANITIZE_TOOLS="${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}"
+BENCH_ARGS="${BENCH_ARGS:---cases Qwen2.5-0.5B:64,Qwen2.5-0.5B:300,Qwen2.5-7B:4096 --dtypes bf16 --min-runs 5 --max-runs 10 --min-time 0.5}"
+BENCH_PROVIDERS="${BENCH_PROVIDERS:-}"
+TIMESPLIT_ARGS="${TIMESPLIT_ARGS:-}"
+
+if [ -n "${PLAN_ONLY:-}" ]; then
+  total=0
+  for s in "${STAGES[@]}"; do
+    echo "plan: $s ${LIMIT[$s]:-?} s"
+    total=$((total + ${LIMIT[$s]:-0}))
+  done
+  echo "plan: total ${total} s, budget ${BUDGET} s"
+  exit 0
+fi
+
 cd "$ROOT" || exit 1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+DEADLINE=$(($(date +%s) + BUDGET))
 
 # The interpreter whose torch has CUDA.
 PY="${PY:-}"
@@ -65,18 +89,27 @@ if [ -z "$PY" ]; then
 fi
 
 FAILED=0
-record() {  # stage, status, note
-  local line
-  line="$(date -u +%Y-%m-%dT%H:%M:%SZ) $1: $([ "$2" -eq 0 ] && echo ok || echo "FAILED (exit $2)")${3:+ - $3}"
-  echo "$line" | tee -a "$OUT/summary.txt"
-  [ "$2" -eq 0 ] || FAILED=1
+STAGE_END=0
+record() {  # stage, status (0 ok, "skipped", else an exit code), note
+  local state=ok
+  [ "$2" = skipped ] && state=skipped
+  [ "$2" != skipped ] && [ "$2" -ne 0 ] && state="FAILED (exit $2)"
+  echo "$(date -u +%Y-%m-%dT%H:%M:%SZ) $1: ${state}${3:+ - $3}" | tee -a "$OUT/summary.txt"
+  [ "$state" = ok ] || FAILED=1
 }
-run_logged() {  # log file, command...; the command's output goes to the log and its tail to the terminal
-  local log="$1"
+left_in_stage() { echo $((STAGE_END - $(date +%s))); }
+run_logged() {  # log file, command...: under the stage's remaining time; output to the log, its tail to the terminal
+  local log="$1" left
   shift
-  timeout --kill-after=30 "$STAGE_TIMEOUT" "$@" >"$log" 2>&1
+  left="$(left_in_stage)"
+  if [ "$left" -lt 5 ]; then
+    echo "gpu_session: no time left in the stage for: $*" | tee -a "$log"
+    return 124
+  fi
+  timeout --kill-after="$KILL_GRACE" "$left" "$@" >"$log" 2>&1
   local rc=$?
-  tail -n 15 "$log"
+  [ $rc -eq 124 ] && echo "gpu_session: stopped at the stage's time limit (${left} s left when it started)" >>"$log"
+  tail -n 12 "$log"
   return $rc
 }
 
@@ -84,7 +117,6 @@ stage_env() {
   {
     echo "git: $(git rev-parse HEAD 2>/dev/null) $(git status --porcelain 2>/dev/null | wc -l) changed files"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1
-    nvidia-smi -q -d CLOCK,POWER 2>&1 | grep -E "Applications|Default|Power Limit|SM |Memory " | head -20
     (command -v nvcc >/dev/null && nvcc --version | tail -2) || echo "nvcc: not found"
     (command -v compute-sanitizer >/dev/null && compute-sanitizer --version | head -2) || echo "compute-sanitizer: not found"
     (command -v ncu >/dev/null && ncu --version | tail -1) || echo "ncu: not found"
@@ -92,12 +124,15 @@ stage_env() {
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 p = torch.cuda.get_device_properties(0)
-print("device", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB")
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError:
-    print("triton: not installed")
+optin = getattr(p, "shared_memory_per_block_optin", None)
+print("device", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30, 1), "GiB",
+      "smem/block opt-in", optin, "smem/SM", p.shared_memory_per_multiprocessor)
+for mod in ("triton", "xdist", "liger_kernel", "cut_cross_entropy"):
+    try:
+        m = __import__(mod)
+        print(mod, getattr(m, "__version__", "present"))
+    except ImportError:
+        print(mod + ": not installed")
 EOF
   } >"$OUT/env.txt" 2>&1
   local rc=$?
@@ -107,19 +142,18 @@ EOF
 
 stage_wheels() {
   if ! ls .whl/*.whl >/dev/null 2>&1; then
-    echo "no .whl/ folder: run benchmarks/fetch_gpu_wheels.sh where PyPI is reachable and bring .whl/ along"
-    return 1
+    echo "wheels: no .whl/ folder, nothing to install (Liger and Cut CE are left out of the benchmark unless present)"
+    return 0
   fi
-  local rc=0 whl dist module
+  local rc=0 whl dist
   for whl in .whl/*.whl; do
     dist="$(basename "$whl" | cut -d- -f1)"
-    module="$dist"
     # Keep what the environment has (its torch was built against it); add only what is missing.
-    if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$module') else 1)" 2>/dev/null; then
+    if "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('$dist') else 1)" 2>/dev/null; then
       echo "wheels: $dist already importable, kept"
       continue
     fi
-    if "$PY" -m pip install --quiet --no-index --no-deps "$whl" >>"$OUT/wheels.log" 2>&1; then
+    if timeout "$(left_in_stage)" "$PY" -m pip install --quiet --no-index --no-deps "$whl" >>"$OUT/wheels.log" 2>&1; then
       echo "wheels: installed $(basename "$whl")"
     else
       echo "wheels: FAILED $(basename "$whl") (see wheels.log)"
@@ -135,8 +169,8 @@ stage_build() {
     arch="$("$PY" -c 'import torch; M, m = torch.cuda.get_device_capability(); print(f"{M}.{m}" + ("a" if M == 9 else ""))')"
   fi
   # The H200 image's default CC/CXX (/opt/gcc) linked a private copy of libstdc++ into _C, which broke error
-  # messages; setup.py now links the shared one explicitly and refuses a build that still carries a copy. The
-  # system compilers, where present, are the ones that link it like torch does.
+  # messages; setup.py links the shared one explicitly and refuses a build that still carries a copy. The system
+  # compilers, where present, are the ones that link it like torch does.
   local cc="${LS_CC:-}" cxx="${LS_CXX:-}"
   if [ -z "$cxx" ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
     cc=/usr/bin/gcc
@@ -154,15 +188,15 @@ stage_build() {
 }
 
 stage_test() {
-  local files rc=0
-  read -r -a files <<<"$(echo $TEST_FILES)"  # the glob expands here
-  local extra
+  local workers=() extra
   read -r -a extra <<<"$PYTEST_ARGS"
-  run_logged "$OUT/test.log" "$PY" -m pytest -q -rs -p no:cacheprovider -m "not slow" \
-    --junitxml="$OUT/test.xml" "${extra[@]}" "${files[@]}" || rc=$?
-  run_logged "$OUT/test-slow.log" "$PY" -m pytest -q -rs -p no:cacheprovider -m slow \
-    --junitxml="$OUT/test-slow.xml" tests/test_op_cuda.py || rc=$?
-  return $rc
+  if [ "$PYTEST_WORKERS" -gt 1 ] && "$PY" -c 'import xdist' 2>/dev/null; then
+    workers=(-n "$PYTEST_WORKERS")
+  fi
+  # -k cuda: every test of test_op_cuda.py (marked cuda) and the cuda-device cases of test_op.py; the slow
+  # N*V > 2^31 case included.
+  run_logged "$OUT/test.log" "$PY" -m pytest -q -rs -p no:cacheprovider --durations=15 -k cuda "${workers[@]}" \
+    --junitxml="$OUT/test.xml" "${extra[@]}" tests/test_op_cuda.py tests/test_op.py
 }
 
 stage_sanitize() {
@@ -170,65 +204,92 @@ stage_sanitize() {
     echo "compute-sanitizer not found"
     return 1
   fi
-  local rc=0 tool
-  # No caching allocator, so that memcheck sees the true end of each allocation.
+  local rc=0 tool pids=() left
+  left="$(left_in_stage)"
+  # The tools run side by side (each is host-bound); no caching allocator, so that memcheck sees the true end of
+  # each allocation. memcheck checks every kernel (the ATen and cuBLAS calls of the launcher too), the others ours.
   for tool in $SANITIZE_TOOLS; do
     local filter=()
-    # memcheck checks every kernel (including the ATen / cuBLAS calls the launcher makes); the others only ours.
     [ "$tool" != memcheck ] && filter=(--kernel-name kns=latentseek)
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_logged "$OUT/sanitize-$tool.log" compute-sanitizer --tool "$tool" \
-      --error-exitcode 99 "${filter[@]}" "$PY" benchmarks/sanitizer_case.py
-    local r=$?
-    echo "sanitize: $tool exit $r"
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout --kill-after="$KILL_GRACE" "$left" compute-sanitizer --tool "$tool" \
+      --error-exitcode 99 "${filter[@]}" "$PY" benchmarks/sanitizer_case.py >"$OUT/sanitize-$tool.log" 2>&1 &
+    pids+=("$!:$tool")
+  done
+  local entry r
+  for entry in "${pids[@]}"; do
+    wait "${entry%%:*}"
+    r=$?
+    tool="${entry#*:}"
+    echo "sanitize: $tool exit $r, $(grep -c ': ok$' "$OUT/sanitize-$tool.log") calls ok, $(grep -E 'ERROR SUMMARY' "$OUT/sanitize-$tool.log" | tail -1)"
     [ $r -eq 0 ] || rc=$r
   done
   return $rc
 }
 
 stage_bench() {
-  if [ ! -f benchmarks/bench_op.py ]; then
-    echo "benchmarks/bench_op.py is missing"
-    return 1
-  fi
-  local tag rc=0 k args
+  local tag args providers="$BENCH_PROVIDERS" pair
   read -r -a args <<<"$BENCH_ARGS"
+  if [ -z "$providers" ]; then
+    providers="gemm-pair,reference,ext"
+    for pair in liger:liger_kernel cce:cut_cross_entropy; do
+      "$PY" -c "import ${pair#*:}" 2>/dev/null && providers+=",${pair%%:*}"
+    done
+  fi
   tag="$("$PY" -c 'import torch, re; n = torch.cuda.get_device_name(0); m = re.search(r"(H100|H200|A100|L40S|B200)", n); print((m.group(1) if m else n.split()[-1]).lower())')"
-  for k in $BENCH_KERNELS; do
-    LATENTSEEK_CUDA_KERNEL="$k" run_logged "$OUT/bench-$k.log" "$PY" benchmarks/bench_op.py --device cuda \
-      "${args[@]}" --out-dir "$OUT/bench-$k" --tag "$tag-$k" || rc=$?
-  done
-  return $rc
+  run_logged "$OUT/bench.log" "$PY" benchmarks/bench_op.py --device cuda "${args[@]}" --providers "$providers" \
+    --out-dir "$OUT/bench" --tag "op-$tag"
 }
 
-stage_profile() {
+stage_timesplit() {
+  local args
+  read -r -a args <<<"$TIMESPLIT_ARGS"
+  run_logged "$OUT/timesplit.log" "$PY" benchmarks/time_split.py --device cuda --out-dir "$OUT/timesplit" \
+    --tag time-split "${args[@]}"
+}
+
+stage_ncu() {
   if ! command -v ncu >/dev/null; then
     echo "ncu not found"
     return 1
   fi
-  local rc=0 k
-  : >"$OUT/profile.txt"
-  for k in fused chunked; do
-    LATENTSEEK_CUDA_KERNEL="$k" timeout "$STAGE_TIMEOUT" ncu --clock-control none --section SpeedOfLight --section Occupancy \
-      --section LaunchStats --kernel-name regex:'fused_mma|chunk_rows|merge_splits' --launch-skip 3 --launch-count 3 \
-      "$PY" - >>"$OUT/profile.txt" 2>&1 <<'EOF' || rc=$?
+  # Three calls; skip the first call's two launches (fused + merge), profile the second call's.
+  LATENTSEEK_CUDA_KERNEL=fused run_logged "$OUT/ncu.txt" ncu --clock-control none \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Chart \
+    --section MemoryWorkloadAnalysis_Tables --section Occupancy --section LaunchStats \
+    --kernel-name regex:'fused_mma|merge_splits' --launch-skip 2 --launch-count 2 \
+    --export "$OUT/ncu-fused" --force-overwrite \
+    "$PY" -c '
 import torch, latentseek_ext
 z = torch.randn(64, 896, device="cuda", dtype=torch.bfloat16)
 w = torch.randn(151936, 896, device="cuda", dtype=torch.bfloat16) / 30
 for _ in range(3):
-    latentseek_ext.lm_head_policy_grad(z, w, impl="ext")
+    latentseek_ext.lm_head_policy_grad(z, w, 0.5, impl="ext")
 torch.cuda.synchronize()
-EOF
-  done
-  grep -E "fused_mma|chunk_rows|merge_splits|Duration|Memory Throughput|Compute \(SM\)|Achieved Occupancy|Registers Per" \
-    "$OUT/profile.txt" | head -60
+'
+  local rc=$?
+  grep -E "fused_mma|merge_splits|Duration|Memory Throughput|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache|Shared Memory|Compute \(SM\)|Achieved Occupancy|Registers Per" \
+    "$OUT/ncu.txt" | head -60
   return $rc
 }
 
 for s in "${STAGES[@]}"; do
   echo "=== $s"
-  case "$s" in
-    env | wheels | build | test | sanitize | bench | profile) "stage_$s"; record "$s" $? ;;
-    *) record "$s" 2 "unknown stage" ;;
-  esac
+  if [ -z "${LIMIT[$s]:-}" ]; then
+    record "$s" 2 "unknown stage"
+    continue
+  fi
+  left=$((DEADLINE - $(date +%s) - KILL_GRACE))
+  limit="${LIMIT[$s]}"
+  if [ "$left" -lt "$limit" ]; then  # the budget cuts the stage short: not worth starting under MIN_STAGE
+    limit="$left"
+    if [ "$limit" -lt "$MIN_STAGE" ]; then
+      record "$s" skipped "${left} s of the ${BUDGET} s budget left"
+      continue
+    fi
+  fi
+  STAGE_END=$(($(date +%s) + limit))
+  start=$(date +%s)
+  "stage_$s"
+  record "$s" $? "$(($(date +%s) - start)) s of ${limit}"
 done
 exit $FAILED

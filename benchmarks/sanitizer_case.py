@@ -1,15 +1,18 @@
-"""Small calls of every CUDA kernel of latentseek_ext, for compute-sanitizer (memcheck, racecheck, synccheck,
+"""Small calls of every CUDA kernel path of latentseek_ext, for compute-sanitizer (memcheck, racecheck, synccheck,
 initcheck); benchmarks/gpu_session.sh runs it under each tool.
 
-Covers: the tensor-core kernel with vocabulary splits (merge kernel) and with one split (in-kernel finish, which
-needs enough rows to fill the GPU), with and without the gradient, several H slices, given tokens, bias, reward; the
-SIMT kernel in fp32 / fp64 and as the bf16 fallback (H % 8 != 0); the chunked kernel. Shapes are odd on purpose
-(rows, H and V not multiples of the tiles). Exits non-zero if an output is not finite where it must be.
+Paths, each with the large tiles and the small-shared-memory tiles of the tensor-core kernel
+(LATENTSEEK_CUDA_TILES=small): the tensor-core kernel with vocabulary splits (then the merge kernel) and with one
+split (its own finish, which needs enough rows to fill the GPU), with and without the gradient, several H slices;
+the chunked path (cuBLAS products, the per-chunk row kernel, the merge kernel's one-split finish); the SIMT kernel
+in fp32 / fp64 and as the bf16 fallback (H % 8 != 0). Across them: given tokens, bias, and the three reward forms
+(per row, a 0-d tensor, a float). Shapes are odd on purpose (rows, H and V not multiples of the tiles). Each call
+prints one line; the script exits non-zero if an output is not finite where it must be, or a token out of range.
 
     python benchmarks/sanitizer_case.py [--device cuda|cpu]
 
---device cpu runs the same calls on the CPU kernel (LATENTSEEK_CUDA_KERNEL is then ignored), so the script itself
-is tested without a GPU (tests/test_gpu_scripts.py).
+--device cpu runs the same calls on the CPU kernel (the LATENTSEEK_CUDA_* variables are then ignored), so the
+script itself is tested without a GPU (tests/test_gpu_scripts.py).
 """
 
 from __future__ import annotations
@@ -23,16 +26,35 @@ import torch
 import latentseek_ext
 
 DEVICE = "cuda"
+CALLS = 0
 
 
-def run(kernel: str, n: int, h: int, v: int, dtype: torch.dtype, *, with_extras: bool, grad: bool = True) -> None:
+def run(
+    kernel: str,
+    n: int,
+    h: int,
+    v: int,
+    dtype: torch.dtype,
+    *,
+    with_extras: bool,
+    grad: bool = True,
+    tiles: str = "auto",
+    reward_form: str = "rows",
+) -> None:
+    global CALLS
     os.environ["LATENTSEEK_CUDA_KERNEL"] = kernel
+    os.environ["LATENTSEEK_CUDA_TILES"] = tiles
     g = torch.Generator(device="cpu").manual_seed(n * 7 + h * 3 + v)
     z = (torch.randn(n, h, generator=g) / h**0.5).to(dtype).to(DEVICE)
     w = (torch.randn(v, h, generator=g) / h**0.5).to(dtype).to(DEVICE)
     tokens = torch.randint(0, v, (n,), generator=g).to(DEVICE) if with_extras else None
     bias = (torch.randn(v, generator=g) * 0.1).to(dtype).to(DEVICE) if with_extras else None
-    reward = torch.randn(n, generator=g).to(DEVICE) if with_extras else None
+    reward = {
+        "rows": torch.randn(n, generator=g).to(DEVICE),
+        "scalar": torch.tensor(-0.5).to(DEVICE),
+        "float": 0.75,
+        "none": None,
+    }[reward_form if with_extras else "none"]
     if grad:
         x, logp, out = latentseek_ext.lm_head_policy_grad(z, w, reward, tokens, bias, impl="ext")
     else:
@@ -40,8 +62,10 @@ def run(kernel: str, n: int, h: int, v: int, dtype: torch.dtype, *, with_extras:
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     ok = bool(torch.isfinite(logp).all()) and bool(torch.isfinite(out).all()) and bool(((x >= 0) & (x < v)).all())
+    CALLS += 1
+    extras = f"extras={with_extras}" + (f" reward={reward_form}" if with_extras else "")
     print(
-        f"{kernel:8s} {str(dtype):15s} N={n:5d} H={h:4d} V={v:5d} extras={with_extras} grad={grad}: "
+        f"{kernel:8s} tiles={tiles:5s} {str(dtype):15s} N={n:5d} H={h:4d} V={v:5d} {extras} grad={grad}: "
         f"{'ok' if ok else 'NOT FINITE'}",
         flush=True,
     )
@@ -56,19 +80,21 @@ def main() -> None:
     DEVICE = ap.parse_args().device
     assert latentseek_ext.extension_available(DEVICE), f"latentseek_ext was built without its {DEVICE} kernel"
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEVICE == "cuda" else 4
+    for tiles in ("large", "small"):
+        for dtype in (torch.bfloat16, torch.float16):
+            run("fused", 37, 200, 1000, dtype, with_extras=True, tiles=tiles)  # splits + merge, 1 H slice
+            run("fused", 5, 1096, 700, dtype, with_extras=False, tiles=tiles)  # 3 H slices, the last one partial
+            run("fused", 9, 136, 650, dtype, with_extras=True, grad=False, tiles=tiles)
+        # One split: at least 2 CTAs per SM of 32 rows (one H slice), so the kernel finishes the rows itself.
+        run("fused", 64 * sms + 3, 72, 300, torch.bfloat16, with_extras=True, tiles=tiles, reward_form="scalar")
     for dtype in (torch.bfloat16, torch.float16):
-        run("fused", 37, 200, 1000, dtype, with_extras=True)  # vocabulary splits + merge, 1 H slice
-        run("fused", 5, 1096, 700, dtype, with_extras=False)  # 3 H slices (18 chunks), the last one partial
-        run("fused", 9, 136, 650, dtype, with_extras=True, grad=False)
-        run("chunked", 13, 72, 1100, dtype, with_extras=True)
+        run("chunked", 13, 72, 1100, dtype, with_extras=True, reward_form="float")
         run("chunked", 13, 72, 1100, dtype, with_extras=False, grad=False)
-    # One split: at least 2 CTAs per SM of 32 rows (one H slice), so the kernel finishes the rows itself.
-    run("fused", 64 * sms + 3, 72, 300, torch.bfloat16, with_extras=True)
     run("simt", 21, 100, 900, torch.bfloat16, with_extras=True)  # H % 8 != 0: the fallback
-    run("simt", 19, 600, 500, torch.float32, with_extras=True)  # 2 H slices
+    run("simt", 19, 600, 500, torch.float32, with_extras=True, reward_form="float")  # 2 H slices
     run("simt", 7, 64, 333, torch.float64, with_extras=True, grad=False)
-    run("simt", 7, 300, 333, torch.float64, with_extras=False)
-    print("sanitizer_case: done")
+    run("simt", 7, 300, 333, torch.float64, with_extras=True, reward_form="scalar")
+    print(f"sanitizer_case: done, {CALLS} calls")
 
 
 if __name__ == "__main__":

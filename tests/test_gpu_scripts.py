@@ -1,7 +1,8 @@
 """The GPU session's scripts, checked without a GPU: a GPU lease is short, so a script bug must not cost one.
 
-benchmarks/sanitizer_case.py runs on the CPU kernel; bench_op.py's explicit case lists and the CUDA issue's target
-lines are checked on made-up rows; gpu_session.sh parses and prints its usage.
+benchmarks/sanitizer_case.py and time_split.py run on the CPU kernel; bench_op.py's explicit case lists and the CUDA
+issue's target lines, and time_split.py's kernel groups and crossover, are checked on made-up rows; gpu_session.sh
+prints its usage and its plan (which must fit 8 minutes), and skips the stages its budget cannot hold.
 """
 
 import json
@@ -15,6 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_op  # noqa: E402
+import time_split  # noqa: E402
 
 
 def _env() -> dict[str, str]:
@@ -31,8 +33,17 @@ def test_sanitizer_case_runs_every_call_on_cpu():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[-1] == "sanitizer_case: done"
-    assert len(lines) == 16 and all(line.endswith(": ok") for line in lines[:-1])
+    assert lines[-1] == f"sanitizer_case: done, {len(lines) - 1} calls"
+    assert all(line.endswith(": ok") for line in lines[:-1])
+    calls = lines[:-1]
+    # Every kernel path, with both tile configurations of the tensor-core kernel, and every reward form.
+    for kernel in ("fused", "chunked", "simt"):
+        assert any(line.startswith(kernel) for line in calls), kernel
+    for tiles in ("large", "small"):
+        assert sum(line.startswith("fused") and f"tiles={tiles}" in line for line in calls) >= 7, tiles
+    for form in ("rows", "scalar", "float"):
+        assert any(f"reward={form}" in line for line in calls), form
+    assert any("grad=False" in line for line in calls)
 
 
 def test_gpu_session_usage():
@@ -40,6 +51,107 @@ def test_gpu_session_usage():
     assert proc.returncode == 2
     assert "Stages, in order" in proc.stdout and "PYTEST_ARGS" in proc.stdout
     assert "set -uo pipefail" not in proc.stdout  # the usage is the header comment only
+
+
+def _session(out: Path, *stages: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), str(out), *stages],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_gpu_session_plan_fits_eight_minutes(tmp_path):
+    proc = _session(tmp_path, PLAN_ONLY="1")
+    assert proc.returncode == 0, proc.stderr
+    plan = [line.split() for line in proc.stdout.splitlines() if line.startswith("plan: ") and "total" not in line]
+    # In order of value: build, the CUDA suite, the sanitizers, the benchmark, then the time split and ncu.
+    assert [p[1] for p in plan] == ["env", "wheels", "build", "test", "sanitize", "bench", "timesplit", "ncu"]
+    total = sum(int(p[2]) for p in plan)
+    budget = int(proc.stdout.split("budget ")[1].split()[0])
+    assert total <= budget <= 480
+
+
+def test_gpu_session_skips_what_its_budget_cannot_hold(tmp_path):
+    # A stand-in for the CUDA interpreter that takes 6 s: the env stage runs it and passes; then 30 s of budget less
+    # those 6 s and the 10 s kill grace leave under 15 s, so the next stages are skipped, not started. (Only stages
+    # that touch nothing of the checkout run here: the build stage would delete the built extension.)
+    fake_py = tmp_path / "python"
+    fake_py.write_text("#!/bin/sh\nsleep 6\n")
+    fake_py.chmod(0o755)
+    proc = _session(tmp_path / "out", "env", "sanitize", "ncu", BUDGET="30", PY=str(fake_py))
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "env: ok" in summary
+    assert "sanitize: skipped" in summary and "ncu: skipped" in summary
+    assert proc.returncode == 1  # a skipped stage is not a pass
+
+
+def test_time_split_runs_on_cpu(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "time_split.py"),
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(tmp_path),
+            "--tag",
+            "ts",
+            "--split-cases",
+            "16:64:1000,5:24:300",
+            "--sweep-n",
+            "16,32",
+            "--sweep-h",
+            "64",
+            "--vocab",
+            "1000",
+            "--reps",
+            "3",
+            "--min-time",
+            "0",
+            "--max-reps",
+            "3",
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    payload = json.loads((tmp_path / "ts.json").read_text())
+    assert [r["shape"] for r in payload["split"]] == ["16x64x1000", "5x24x300"]
+    for row in payload["split"]:
+        assert row["kernels_us"]["op (cpu)"] > 0 and row["stream_us"] > 0 and row["graph_us"] is None
+    assert [(r["N"], r["H"], r["V"], r["kernel"], r["runs"]) for r in payload["sweep"]] == [
+        (16, 64, 1000, "cpu", 3),
+        (32, 64, 1000, "cpu", 3),
+    ]
+    md = (tmp_path / "ts.md").read_text()
+    assert "Time split per call" in md and "Fused vs chunked" in md and "| 64 | 32 |" in md
+
+
+def test_time_split_groups_and_crossover():
+    assert time_split.kernel_group("void latentseek::fused_mma_kernel<latentseek::MmaTileConfig<3, 8>, ...>") == (
+        "fused_mma"
+    )
+    assert time_split.kernel_group("void latentseek::merge_splits_kernel<c10::BFloat16, float>(...)") == "merge_splits"
+    assert time_split.kernel_group("nvjet_tst_128x64_64x8_1x2_h_bz_NNT") == "cublas"
+    assert time_split.kernel_group("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "cublas"
+    assert time_split.kernel_group("void at::native::vectorized_elementwise_kernel<4, ...>") == "elementwise"
+
+    def rows(times):  # {N: (fused us, chunked us)} at H = 896
+        return [
+            time_split.SweepRow(n, 896, 151936, "bf16", k, t, t, t, 5)
+            for n, pair in times.items()
+            for k, t in zip(("fused", "chunked"), pair, strict=True)
+        ]
+
+    assert time_split.crossover(rows({64: (1, 2), 128: (2, 1), 256: (3, 1)}), 896) == "N >= 128"
+    assert time_split.crossover(rows({64: (1, 2), 128: (2, 1), 256: (1, 3)}), 896) == "no N up to 256"
+    assert time_split.crossover(rows({64: (3, 2), 128: (4, 1)}), 896) == "N >= 64"
+    assert time_split.crossover(rows({64: (3, 2)}), 1536) == "not measured"
 
 
 def test_bench_explicit_case_list():
@@ -100,7 +212,6 @@ def test_cuda_targets_pass_fail_or_undecided_on_the_band():
     assert "(fraction of the floor) >= 0.6: 0.8 (p20-p80 0.80-0.80, 5 rounds)" in text
     assert "ext peak extra memory = 3.00 x N*H*4 bytes; the reference's 100 x" in text
     assert bench_op.target_lines(runs, "cpu") == []  # the CUDA issue's targets are judged on CUDA only
-
 
 
 def test_bench_loop_cuda_benchmark_runs_on_cpu(tmp_path):
