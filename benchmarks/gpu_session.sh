@@ -25,6 +25,12 @@
 #                  chunked sweep over N at H = 896, 1536, 3584                          -> timesplit/, timesplit.log
 #   ncu        35  Nsight Compute on the fused kernel and its merge at N=64 H=896 V=151936 bf16: speed of light,
 #                  memory workload analysis (shared memory, L2, DRAM), occupancy, launch -> ncu.txt, ncu-fused.ncu-rep
+# Not in the default list, for a lease of its own (it needs the wheels stage's pytest where the image lacks it):
+#   engine    420  the engine on CUDA: the CUDA cases of the engine, method and CLI tests (CUDA-graph capture
+#                  included; at most ENGINE_TEST_LIMIT s, default 150), then benchmarks/bench_loop.py --device cuda
+#                  with ENGINE_ARGS (default: its own defaults; not yet timed on a GPU, estimated at 5 minutes)
+#                                                          -> engine-test.log, engine-test.xml, engine-bench.log, engine/
+#   e.g. BUDGET=560 bash benchmarks/gpu_session.sh /tmp/gs env wheels build engine
 # OUTDIR/summary.txt gets one line per stage; the exit status is non-zero if any stage failed. The device tool
 # returns at most 8 files, so pack OUTDIR:
 #   bash benchmarks/gpu_session.sh /tmp/gs; tar czf "$OUT/gs.tgz" -C /tmp gs
@@ -48,6 +54,7 @@ for s in "${ALL_STAGES[@]}"; do
   var="LIMIT_$s"
   [ -n "${!var:-}" ] && LIMIT[$s]="${!var}"
 done
+LIMIT[engine]="${LIMIT_engine:-420}"
 BUDGET="${BUDGET:-470}"
 KILL_GRACE=10  # seconds a timed-out command gets between SIGTERM and SIGKILL, counted inside the budget
 MIN_STAGE=15
@@ -57,6 +64,8 @@ SANITIZE_TOOLS="${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}"
 BENCH_ARGS="${BENCH_ARGS:---cases Qwen2.5-0.5B:64,Qwen2.5-0.5B:300,Qwen2.5-7B:4096 --dtypes bf16 --min-runs 5 --max-runs 10 --min-time 0.5}"
 BENCH_PROVIDERS="${BENCH_PROVIDERS:-}"
 TIMESPLIT_ARGS="${TIMESPLIT_ARGS:-}"
+ENGINE_ARGS="${ENGINE_ARGS:-}"
+ENGINE_TEST_LIMIT="${ENGINE_TEST_LIMIT:-150}"
 
 if [ -n "${PLAN_ONLY:-}" ]; then
   total=0
@@ -269,6 +278,19 @@ torch.cuda.synchronize()
   local rc=$?
   grep -E "fused_mma|merge_splits|Duration|Memory Throughput|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache|Shared Memory|Compute \(SM\)|Achieved Occupancy|Registers Per" \
     "$OUT/ncu.txt" | head -60
+  return $rc
+}
+
+stage_engine() {
+  local rc=0 tag args
+  read -r -a args <<<"$ENGINE_ARGS"
+  # only the CUDA cases (-k cuda: the device fixture's cuda parameter and the fp32-on-CUDA-equals-CPU tests)
+  run_logged "$OUT/engine-test.log" timeout --kill-after=5 "$ENGINE_TEST_LIMIT" "$PY" -m pytest -q -rs \
+    -p no:cacheprovider -k cuda --junitxml="$OUT/engine-test.xml" tests/test_generation.py tests/test_loop.py \
+    tests/test_rewards.py tests/test_methods.py tests/test_cli.py || rc=$?
+  tag="$("$PY" -c 'import torch, re; n = torch.cuda.get_device_name(0); m = re.search(r"(H100|H200|A100|L40S|B200)", n); print((m.group(1) if m else n.split()[-1]).lower())')"
+  run_logged "$OUT/engine-bench.log" "$PY" benchmarks/bench_loop.py --device cuda "${args[@]}" --out-dir "$OUT/engine" \
+    --tag "loop-$tag" || rc=$?
   return $rc
 }
 
