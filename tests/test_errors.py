@@ -340,3 +340,201 @@ def test_models_without_lm_head_or_with_transformed_logits_raise_model_load_erro
     gemma = Gemma2ForCausalLM(Gemma2Config(**small, head_dim=16, final_logit_softcapping=30.0))
     with pytest.raises(ModelLoadError, match=r"final_logit_softcapping=30\.0: .* use a model whose logits are lm_head"):
         ModelAdapter(gemma)
+
+
+# --- context length ---------------------------------------------------------------------------------------------------
+
+
+def test_model_context_length_reads_the_config_yarn_and_the_tokenizer():
+    from types import SimpleNamespace
+
+    from transformers import Qwen2Config
+
+    from latentseek.context import model_context_length
+
+    plain = SimpleNamespace(config=Qwen2Config(max_position_embeddings=4096))
+    assert model_context_length(plain) == 4096
+    assert model_context_length(plain, SimpleNamespace(model_max_length=2048)) == 2048
+    assert model_context_length(plain, SimpleNamespace(model_max_length=int(1e30))) == 4096  # "no limit"
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}
+    assert (
+        model_context_length(SimpleNamespace(config=Qwen2Config(max_position_embeddings=4096, rope_scaling=yarn)))
+        == 16384
+    )
+    raised = Qwen2Config(max_position_embeddings=16384, rope_scaling=dict(yarn))
+    assert model_context_length(SimpleNamespace(config=raised)) == 16384  # already raised: not again
+    window = Qwen2Config(max_position_embeddings=4096, use_sliding_window=True, sliding_window=512)
+    assert model_context_length(SimpleNamespace(config=window)) == 4096  # a window limits attention, not positions
+    assert model_context_length(SimpleNamespace()) is None
+
+
+def test_truncate_middle_keeps_the_head_and_the_tail():
+    from latentseek.context import TRUNCATION_MARK, truncate_middle
+
+    tok = tiny_tokenizer()
+    text = "first " + "apples " * 20 + "total ?"
+    cut, n = truncate_middle(tok, text, 10)
+    assert cut.startswith("first") and cut.endswith("total ?") and TRUNCATION_MARK in cut
+    assert len(tok.encode(cut, add_special_tokens=False)) <= len(tok.encode(text, add_special_tokens=False)) - 10
+    assert n >= 10
+    assert truncate_middle(tok, "x y", 3) is None
+
+
+@pytest.mark.parametrize(
+    ("args", "bound"),
+    [((1024, 0.2, 0, 10), 1024 + 204), ((1024, 0.2, 0, 0), 1024), ((1024, 0.0, 0, 10), 1024),
+     ((4096, 0.2, 0, 10), 4096 + 300), ((100, 0.2, 5, 10), 100 + 5 + 20), ((10, 1.0, 20, 10), 10)],
+)  # fmt: skip
+def test_answer_token_bound(args, bound):
+    from latentseek.config import answer_token_bound
+
+    assert answer_token_bound(*args) == bound
+
+
+LONG = "what is the total of " + "apples and " * 60 + "books ?"  # about 250 tokens of the tiny tokenizer
+
+
+@pytest.fixture(scope="module")
+def short_lm():
+    """The tiny model with a context of 160 positions, and a model forward that counts its calls."""
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen2", vocab_size=len(tok), max_position_embeddings=160)
+    return model, tok
+
+
+def never_reward(question: str, answer: str) -> float:
+    return -1.0
+
+
+def count_forwards(model, monkeypatch) -> list[int]:
+    calls = [0]
+    forward = model.model.forward
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", counted)
+    return calls
+
+
+def test_a_problem_too_long_is_refused_before_any_model_work(short_lm, monkeypatch):
+    from latentseek import LatentSeek, LatentSeekConfig
+
+    model, tok = short_lm
+    seek = LatentSeek(model, tok, never_reward, LatentSeekConfig(max_new_tokens=20, max_steps=2))
+    calls = count_forwards(model, monkeypatch)
+    with pytest.raises(ContextLengthError) as caught:
+        seek.solve_batch(["what is 2 + 3 ?", LONG])
+    e = caught.value
+    assert calls[0] == 0
+    assert (e.problem, e.what, e.new_tokens, e.context) == (1, "prompt", 24, 160)
+    assert e.prompt_tokens == len(build_ids(tok, LONG)) > 160
+    assert f"problem 1: the prompt has {e.prompt_tokens} tokens and up to 24 more may follow it" in str(e)
+    assert "(max_new_tokens 20 after up to 4 kept and optimised answer tokens)" in str(e)
+    assert "but the model's context is 160 tokens; shorten the question, lower max_new_tokens" in str(e)
+    assert "'truncate-question'" in str(e) and "\n" not in str(e)
+    assert [None if x is None else x.problem for x in seek.check_context(["what is 2 + 3 ?", LONG, LONG])] == [
+        None, 1, 2]  # fmt: skip
+
+
+def build_ids(tok, question):
+    from latentseek.chat import build_prompt_ids
+
+    return build_prompt_ids(tok, question)
+
+
+def test_the_verifier_prompt_is_checked_with_the_longest_answer(short_lm, monkeypatch):
+    from latentseek import LatentSeek, LatentSeekConfig
+    from latentseek.rewards import SelfReward
+
+    model, tok = short_lm
+    question = "what is 2 + 3 ?"
+    # the prompt fits (about 15 + 24 tokens), the verifier prompt (~80 tokens of template + question, + 24 for the
+    # answer) plus the verifier's 64 tokens does not
+    reward = SelfReward(model, tok, max_new_tokens=64)
+    seek = LatentSeek(model, tok, reward, LatentSeekConfig(max_new_tokens=20, max_steps=2))
+    calls = count_forwards(model, monkeypatch)
+    (error,) = seek.check_context([question])
+    assert calls[0] == 0 and error is not None
+    assert (error.problem, error.what, error.new_tokens, error.context) == (0, "verifier prompt", 64, 160)
+    assert "an answer of up to 24 tokens included; the verifier's max_new_tokens 64" in str(error)
+    need = reward.context_need(question, 24)
+    assert need.prompt_tokens == error.prompt_tokens and need.total > 160
+    with pytest.raises(ContextLengthError, match="problem 0: the verifier prompt"):
+        seek.solve(question)
+    assert calls[0] == 0
+
+
+def test_truncate_question_cuts_the_middle_until_everything_fits(short_lm):
+    from latentseek import LatentSeek, LatentSeekConfig
+    from latentseek.config import answer_token_bound
+    from latentseek.context import TRUNCATION_MARK
+
+    model, tok = short_lm
+    cfg = LatentSeekConfig(max_new_tokens=20, max_steps=2, context_policy="truncate-question")
+    seek = LatentSeek(model, tok, never_reward, cfg)
+    assert seek.check_context([LONG]) == [None]
+    short, long = seek.solve_batch(["what is 2 + 3 ?", LONG])
+    assert short.question_tokens_cut == 0 and short.question == "what is 2 + 3 ?"
+    assert long.question_tokens_cut > 0 and TRUNCATION_MARK in long.question
+    assert long.question.startswith("what is the total of") and long.question.endswith("books ?")
+    assert long.prompt_tokens + answer_token_bound(20, cfg.rho, cfg.start_index, cfg.max_steps) <= 160
+    assert long.max_new_tokens == 20
+    assert all(len(ids) <= answer_token_bound(20, cfg.rho, cfg.start_index, cfg.max_steps) for ids in long.answer_ids)
+
+
+def test_clamp_new_tokens_lowers_the_cap_to_the_most_that_fits(short_lm):
+    from latentseek import LatentSeek, LatentSeekConfig
+    from latentseek.config import answer_token_bound
+
+    model, tok = short_lm
+    question = "what is the total of " + "apples and " * 33 + "books ?"  # fits with a few new tokens only
+    cfg = LatentSeekConfig(max_new_tokens=40, max_steps=2, context_policy="clamp-new-tokens")
+    result = LatentSeek(model, tok, never_reward, cfg).solve(question)
+    m = result.max_new_tokens
+    bound = lambda n: answer_token_bound(n, cfg.rho, cfg.start_index, cfg.max_steps)  # noqa: E731
+    assert 1 <= m < 40 and result.question_tokens_cut == 0
+    assert result.prompt_tokens + bound(m) <= 160 < result.prompt_tokens + bound(m + 1)
+    assert all(len(ids) <= bound(m) for ids in result.answer_ids)
+    with pytest.raises(ContextLengthError, match="even max_new_tokens 1 does not fit"):
+        LatentSeek(model, tok, never_reward, cfg).solve(LONG)
+
+
+def test_the_answer_bound_holds_in_a_run(short_lm):
+    """Every answer the loop produces stays within answer_token_bound, the number the context check relies on."""
+    from latentseek import LatentSeek, LatentSeekConfig
+    from latentseek.config import answer_token_bound
+    from tiny_lm import QUESTIONS
+
+    model, tok = short_lm
+    for knobs in (dict(rho=0.5, start_index=0), dict(rho=1.0, start_index=2)):
+        cfg = LatentSeekConfig(max_new_tokens=12, max_steps=3, lr=1.0, **knobs)
+        bound = answer_token_bound(12, cfg.rho, cfg.start_index, cfg.max_steps)
+        for result in LatentSeek(model, tok, never_reward, cfg).solve_batch(QUESTIONS):
+            assert max(len(ids) for ids in result.answer_ids) <= bound
+
+
+def test_generate_and_self_reward_check_their_prompts(short_lm):
+    from latentseek.generation import generate
+    from latentseek.rewards import SelfReward
+
+    model, tok = short_lm
+    short, long = build_ids(tok, "what is 2 + 3 ?"), build_ids(tok, "apples " * 50)
+    generate(model, tok, [short], 8)
+    with pytest.raises(ContextLengthError, match=r"problem 1: the prompt has \d+ tokens and up to 100 more") as caught:
+        generate(model, tok, [short, long], 100)
+    assert caught.value.problem == 1
+    reward = SelfReward(model, tok, max_new_tokens=8)
+    with pytest.raises(ContextLengthError, match="problem 1: the verifier prompt has") as caught:
+        reward.score(["q", "q"], ["yes", "apples " * 80], [None, None])
+    assert caught.value.what == "verifier prompt"
+
+
+def test_config_errors_are_typed():
+    from latentseek import LatentSeekConfig
+
+    with pytest.raises(ConfigError, match="context_policy must be one of"):
+        LatentSeekConfig(context_policy="ignore")
+    with pytest.raises(ConfigError, match=r"rho must lie in \[0, 1\]"):
+        LatentSeekConfig(rho=2.0)

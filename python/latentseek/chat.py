@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .errors import ModelLoadError
 from .model import ModelAdapter
 
 Messages = Sequence[Mapping[str, str]]
@@ -59,13 +60,14 @@ def build_prompt_ids(tokenizer, question_or_messages: Prompt, system: str | None
         system: an optional system message put first.
 
     Raises:
-        ValueError: empty question, malformed messages, or a tokenizer without a chat template.
+        ValueError: empty question or malformed messages; ModelLoadError (a ValueError): a tokenizer without a
+            chat template.
     """
     messages = as_messages(question_or_messages, system)
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"{type(tokenizer).__name__} has no chat template; set tokenizer.chat_template or pass token ids "
-            "to latentseek.generation.generate directly"
+        raise ModelLoadError(
+            f"{type(tokenizer).__name__} has no chat template; use a chat (instruct) model's tokenizer, set "
+            "tokenizer.chat_template, or pass token ids to latentseek.generation.generate directly"
         )
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     return [int(i) for i in ids]

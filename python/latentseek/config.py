@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from latentseek_ext import IMPLS, Impl
 
+from .errors import ConfigError
 from .static_decode import DECODES, Decode
 
 #: The update length L never exceeds this many latents, whatever rho and the answer length (the original's cap).
 MAX_UPDATE_LENGTH = 300
+
+#: What LatentSeek does with a problem whose prompt plus the tokens that may follow it exceed the model's context.
+ContextPolicy = Literal["error", "truncate-question", "clamp-new-tokens"]
+CONTEXT_POLICIES: tuple[str, ...] = get_args(ContextPolicy)
 
 
 @dataclass
@@ -33,6 +39,15 @@ class LatentSeekConfig:
         decode: how generation runs its decode steps (:func:`latentseek.generation.extend`): ``"eager"`` (the
             reference) or ``"graph"`` (static shapes, captured in CUDA graphs on CUDA); None: the device's default
             (:func:`latentseek.static_decode.default_decode`, eager everywhere until a GPU has verified the graph path).
+        context_policy: what to do, before any model work, with a problem that cannot fit in the model's context
+            (its prompt, plus up to :func:`answer_token_bound` answer tokens; and each verifier prompt of a reward
+            that runs the model, plus its own max_new_tokens): ``"error"`` raises
+            :class:`~latentseek.errors.ContextLengthError`; ``"truncate-question"`` cuts tokens from the middle of
+            the question (the last user message) until everything fits, keeping its first and last halves joined by
+            ``" [...] "`` (:func:`latentseek.context.truncate_middle`); ``"clamp-new-tokens"`` lowers that
+            problem's max_new_tokens to the most that fits. Either way the result records what was done
+            (``Result.question_tokens_cut``, ``Result.max_new_tokens``), and a problem that cannot be made to fit
+            still raises.
     """
 
     rho: float = 0.2
@@ -45,26 +60,31 @@ class LatentSeekConfig:
     keep_best: bool = False
     impl: Impl = "auto"
     decode: Decode | None = None
+    context_policy: ContextPolicy = "error"
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.rho <= 1.0):
-            raise ValueError(f"LatentSeekConfig.rho must lie in [0, 1], got {self.rho}")
+            raise ConfigError(f"LatentSeekConfig.rho must lie in [0, 1], got {self.rho}")
         if not (self.lr > 0.0 and math.isfinite(self.lr)):
-            raise ValueError(f"LatentSeekConfig.lr must be a positive finite number, got {self.lr}")
+            raise ConfigError(f"LatentSeekConfig.lr must be a positive finite number, got {self.lr}")
         if self.max_steps < 0:
-            raise ValueError(f"LatentSeekConfig.max_steps must be >= 0, got {self.max_steps}")
+            raise ConfigError(f"LatentSeekConfig.max_steps must be >= 0, got {self.max_steps}")
         if not math.isfinite(self.reward_threshold):
-            raise ValueError(f"LatentSeekConfig.reward_threshold must be finite, got {self.reward_threshold}")
+            raise ConfigError(f"LatentSeekConfig.reward_threshold must be finite, got {self.reward_threshold}")
         if self.start_index < 0:
-            raise ValueError(f"LatentSeekConfig.start_index must be >= 0, got {self.start_index}")
+            raise ConfigError(f"LatentSeekConfig.start_index must be >= 0, got {self.start_index}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"LatentSeekConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"LatentSeekConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.grad_clip is not None and not (self.grad_clip > 0.0):
-            raise ValueError(f"LatentSeekConfig.grad_clip must be None or > 0, got {self.grad_clip}")
+            raise ConfigError(f"LatentSeekConfig.grad_clip must be None or > 0, got {self.grad_clip}")
         if self.impl not in IMPLS:
-            raise ValueError(f"LatentSeekConfig.impl must be one of {IMPLS}, got {self.impl!r}")
+            raise ConfigError(f"LatentSeekConfig.impl must be one of {IMPLS}, got {self.impl!r}")
         if self.decode is not None and self.decode not in DECODES:
-            raise ValueError(f"LatentSeekConfig.decode must be None or one of {DECODES}, got {self.decode!r}")
+            raise ConfigError(f"LatentSeekConfig.decode must be None or one of {DECODES}, got {self.decode!r}")
+        if self.context_policy not in CONTEXT_POLICIES:
+            raise ConfigError(
+                f"LatentSeekConfig.context_policy must be one of {CONTEXT_POLICIES}, got {self.context_policy!r}"
+            )
 
 
 def update_length(answer_length: int, rho: float, start_index: int) -> int:
@@ -74,3 +94,14 @@ def update_length(answer_length: int, rho: float, start_index: int) -> int:
     exist after ``start_index`` (the original indexed past the end there). 0 means the answer is returned unchanged.
     """
     return max(0, min(int(rho * answer_length), MAX_UPDATE_LENGTH, answer_length - start_index))
+
+
+def answer_token_bound(max_new_tokens: int, rho: float, start_index: int, max_steps: int) -> int:
+    """The most tokens an answer of the LatentSeek loop can have, so the most that can follow its prompt.
+
+    The first answer has n <= max_new_tokens tokens. Each later one is its first ``start_index`` tokens, the L
+    decoded latents, and a continuation of at most max_new_tokens; ``start_index + L <= n``, and L grows with n, so
+    the bound is ``max_new_tokens + start_index + L(max_new_tokens)`` when there are steps and L > 0.
+    """
+    L = update_length(max_new_tokens, rho, start_index)
+    return max_new_tokens + (start_index + L if max_steps > 0 and L > 0 else 0)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from .chat import stop_token_ids
+from .context import ContextNeed, model_context_length
 from .kv_cache import PrefixCache, batch_cache, new_cache, take_prefix
 from .model import ModelAdapter
 from .progress import decode_reporter
@@ -277,6 +278,10 @@ def generate(
     Returns:
         a :class:`Generation` (tokens per row, stop token included when produced; ``hidden`` on request).
 
+    Raises:
+        ContextLengthError: a prompt plus max_new_tokens exceeds the model's context (:func:`model_context_length`,
+            the tokenizer's model_max_length included), checked before any model work; ``problem`` is its index.
+
     Example::
 
         ids = build_prompt_ids(tokenizer, "What is 2 + 3?")
@@ -288,6 +293,9 @@ def generate(
         raise ValueError("no prompts given")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    context = model_context_length(adapter, tokenizer)
+    for i, p in enumerate(prompts):
+        ContextNeed("prompt", len(p), max_new_tokens, context).check(i, "shorten the prompt or lower max_new_tokens")
     stop = stop_token_ids(tokenizer, adapter) if stop_ids is None else list(stop_ids)
     picker = sampling_picker(temperature, top_p, seed, len(prompts)) if do_sample else greedy_picker()
     return extend(

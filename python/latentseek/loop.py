@@ -45,8 +45,10 @@ import latentseek_ext
 from latentseek_ext import acc_dtype
 
 from .chat import Prompt, as_messages, build_prompt_ids, question_text, stop_token_ids
-from .config import LatentSeekConfig, update_length
-from .generation import extend
+from .config import LatentSeekConfig, answer_token_bound, update_length
+from .context import ContextNeed, model_context_length, truncate_middle
+from .errors import ConfigError, ContextLengthError
+from .generation import Generation, extend
 from .kv_cache import PrefixCache
 from .model import ModelAdapter
 from .progress import ProgressCallback, enter_phase, reporting
@@ -75,6 +77,10 @@ class Result:
         prefill_tokens: tokens fed without being generated (the prompt once, each step's new prefix).
         time: wall seconds per phase ("generate", "reward", "update"); a batched phase is shared equally by
             the problems that took part in it.
+        max_new_tokens: the cap on each generation of this problem (the config's, unless
+            ``context_policy="clamp-new-tokens"`` lowered it to fit the model's context).
+        question_tokens_cut: tokens cut from the middle of the question by ``context_policy="truncate-question"``
+            (0: the question is whole).
     """
 
     question: str
@@ -90,6 +96,8 @@ class Result:
     generated_tokens: int
     prefill_tokens: int
     time: dict[str, float]
+    max_new_tokens: int
+    question_tokens_cut: int
 
     @property
     def initial_answer(self) -> str:
@@ -119,6 +127,8 @@ class _Search:
     question: str
     gold: str | None
     prompt: list[int]
+    max_new: int  # the cap on each generation (the config's, or what context_policy left of it)
+    cut: int = 0  # question tokens cut by context_policy="truncate-question"
     answers: list[list[int]] = field(default_factory=list)
     rewards: list[float] = field(default_factory=list)
     details: list[Mapping[str, Any]] = field(default_factory=list)
@@ -159,8 +169,9 @@ class LatentSeek:
         self.reward = as_reward(reward)
         self.config = config or LatentSeekConfig()
         self.stop_ids = stop_token_ids(tokenizer, self.adapter)
+        self.context = model_context_length(self.adapter, tokenizer)
         if self.config.impl == "ext" and not latentseek_ext.extension_available(self.adapter.device):
-            raise RuntimeError(
+            raise ConfigError(
                 f"LatentSeekConfig.impl='ext' but latentseek_ext has no compiled kernel for {self.adapter.device}; "
                 "build it (pip install --no-build-isolation -e .) or use impl='auto' / 'reference'"
             )
@@ -192,6 +203,11 @@ class LatentSeek:
                 runs, at most every :data:`~latentseek.progress.INTERVAL` seconds (phase, step, tokens so far),
                 so that a slow batch can be told from a hung one. The same events go to an enclosing
                 :func:`latentseek.progress.reporting` block when this is None.
+
+        Raises:
+            ContextLengthError: before any model work, for the first problem that cannot fit in the model's context
+                under ``config.context_policy`` (its ``problem`` attribute is that problem's index); see
+                :meth:`check_context` to find every such problem of a batch beforehand.
         """
         if on_progress is not None:
             with reporting(on_progress):
@@ -203,10 +219,7 @@ class LatentSeek:
         golds = [None] * len(problems) if golds is None else list(golds)
         if len(golds) != len(problems):
             raise ValueError(f"got {len(golds)} gold answers for {len(problems)} problems")
-        searches = [
-            _Search(question_text(as_messages(p)), g, build_prompt_ids(self.tokenizer, p))
-            for p, g in zip(problems, golds, strict=True)
-        ]
+        searches = [self._fit(i, p, g) for i, (p, g) in enumerate(zip(problems, golds, strict=True))]
         report = _progress_reporter(progress, len(searches))
         announce = _answer_announcer(on_answer, searches, self.tokenizer)
 
@@ -226,7 +239,103 @@ class LatentSeek:
         report(len(searches), close=True)
         return [self._result(s) for s in searches]
 
+    def check_context(self, problems: Sequence[Prompt]) -> list[ContextLengthError | None]:
+        """Per problem, the :class:`ContextLengthError` that :meth:`solve_batch` would raise for it (its ``problem``
+        attribute is its index in `problems`), or None when it fits (after ``config.context_policy``, if needed).
+
+        Tokenizes only; no model work. A problem fits when its prompt plus :func:`~latentseek.config.answer_token_bound`
+        tokens, and (for a reward with ``context_need``, such as :class:`~latentseek.rewards.SelfReward`) each
+        verifier prompt with an answer of that many tokens plus the verifier's max_new_tokens, fit in the context.
+        """
+        errors: list[ContextLengthError | None] = []
+        for i, problem in enumerate(problems):
+            try:
+                self._fit(i, problem, None)
+            except ContextLengthError as e:
+                errors.append(e)
+            else:
+                errors.append(None)
+        return errors
+
+    # --- fitting the context -------------------------------------------------------------------------------------
+
+    def _needs(self, prompt: list[int], question: str, max_new: int) -> list[ContextNeed]:
+        """What the problem asks of the context with generations capped at `max_new` tokens."""
+        cfg = self.config
+        bound = answer_token_bound(max_new, cfg.rho, cfg.start_index, cfg.max_steps)
+        detail = f"max_new_tokens {max_new}"
+        if bound > max_new:
+            detail += f" after up to {bound - max_new} kept and optimised answer tokens"
+        needs = [ContextNeed("prompt", len(prompt), bound, self.context, detail)]
+        reward_need = getattr(self.reward, "context_need", None)
+        if reward_need is not None:
+            needs.append(reward_need(question, bound))
+        return needs
+
+    def _fit(self, index: int, problem: Prompt, gold: str | None) -> _Search:
+        """The problem's search, its prompt made to fit the model's context by ``config.context_policy``.
+
+        Raises ContextLengthError (``problem=index``) when it does not fit and the policy cannot make it.
+        """
+        cfg = self.config
+        messages = as_messages(problem)
+        prompt = build_prompt_ids(self.tokenizer, messages)
+        question = question_text(messages)
+        needs = self._needs(prompt, question, cfg.max_new_tokens)
+        over = next((n for n in needs if n.excess > 0), None)
+        if over is None:
+            return _Search(question, gold, prompt, cfg.max_new_tokens)
+        if cfg.context_policy == "clamp-new-tokens":
+            if any(n.excess for n in self._needs(prompt, question, 1)):
+                raise over.error(index, "even max_new_tokens 1 does not fit: shorten the question or truncate it")
+            lo, hi = 1, cfg.max_new_tokens  # the most that fits lies in [lo, hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if any(n.excess for n in self._needs(prompt, question, mid)) else (mid, hi)
+            return _Search(question, gold, prompt, lo)
+        if cfg.context_policy == "truncate-question":
+            drop = 0
+            for _ in range(_TRUNCATION_TRIES):  # the text re-tokenizes a little differently once cut: try again
+                drop += max(n.excess for n in needs)
+                truncated = truncate_middle(self.tokenizer, question, drop)
+                if truncated is None:
+                    raise over.error(index, "even with its whole question cut it does not fit: lower max_new_tokens")
+                cut_messages = _with_question(messages, truncated[0])
+                prompt = build_prompt_ids(self.tokenizer, cut_messages)
+                needs = self._needs(prompt, truncated[0], cfg.max_new_tokens)
+                if not any(n.excess for n in needs):
+                    return _Search(truncated[0], gold, prompt, cfg.max_new_tokens, cut=truncated[1])
+        raise over.error(index, _CONTEXT_HINT)
+
     # --- the steps ---------------------------------------------------------------------------------------------
+
+    def _extend(self, searches: list[_Search], rows: list, **kwargs: Any) -> Generation:
+        """:func:`extend` with each problem's own ``max_new``: one call per distinct cap (a row's generation does not
+        depend on the other rows of its batch, so the grouping changes no result). ``rows[i]`` is ``searches[i]``'s.
+        """
+        caps = sorted({s.max_new for s in searches})
+        if len(caps) == 1:
+            return extend(self.adapter, rows, caps[0], self.stop_ids, decode=self.config.decode, **kwargs)
+        n, keep_prefix = len(rows), kwargs.pop("keep_prefix", None)
+        out = Generation([[]] * n, [False] * n, [None] * n if kwargs.get("return_hidden") else None, [None] * n, 0)
+        for cap in caps:
+            index = [i for i, s in enumerate(searches) if s.max_new == cap]
+            keep = None if keep_prefix is None else [keep_prefix[i] for i in index]
+            gen = extend(
+                self.adapter,
+                [rows[i] for i in index],
+                cap,
+                self.stop_ids,
+                keep_prefix=keep,
+                decode=self.config.decode,
+                **kwargs,
+            )
+            for j, i in enumerate(index):
+                out.tokens[i], out.stopped[i], out.prefixes[i] = gen.tokens[j], gen.stopped[j], gen.prefixes[j]
+                if out.hidden is not None:
+                    out.hidden[i] = gen.hidden[j]
+            out.prefill_tokens += gen.prefill_tokens
+        return out
 
     def _searching(self, s: _Search) -> bool:
         return s.z is not None and s.rewards[-1] <= self.config.reward_threshold and s.steps < self.config.max_steps
@@ -235,14 +344,11 @@ class LatentSeek:
         """Step 1: the greedy answers, their hidden states, and the KV cache of prompt + answer[:start]."""
         start = self.config.start_index
         with self._timed(searches, "generate"):
-            gen = extend(
-                self.adapter,
+            gen = self._extend(
+                searches,
                 [(None, s.prompt) for s in searches],
-                self.config.max_new_tokens,
-                self.stop_ids,
                 return_hidden=True,
                 keep_prefix=[len(s.prompt) + start for s in searches],
-                decode=self.config.decode,
             )
         for s, tokens, hidden, cache in zip(searches, gen.tokens, gen.hidden, gen.prefixes, strict=True):
             s.answers.append(tokens)
@@ -307,11 +413,7 @@ class LatentSeek:
             else:
                 s.answers.append(s.kept + s.prefix[: cut + 1])
         with self._timed(searches, "generate"):
-            gen = (
-                extend(self.adapter, rows, self.config.max_new_tokens, self.stop_ids, decode=self.config.decode)
-                if rows
-                else None
-            )
+            gen = self._extend(continued, rows) if rows else None
         for i, s in enumerate(continued):
             s.answers.append(s.kept + s.prefix + gen.tokens[i])
             s.generated += len(gen.tokens[i])
@@ -334,6 +436,8 @@ class LatentSeek:
             generated_tokens=s.generated,
             prefill_tokens=s.prefilled,
             time=s.time,
+            max_new_tokens=s.max_new,
+            question_tokens_cut=s.cut,
         )
 
     @contextmanager
@@ -349,6 +453,19 @@ class LatentSeek:
         share = (time.perf_counter() - t0) / max(1, len(searches))
         for s in searches:
             s.time[phase] += share
+
+
+_CONTEXT_HINT = (
+    "shorten the question, lower max_new_tokens (or the verifier's), or choose the context policy "
+    "'truncate-question' or 'clamp-new-tokens'"
+)
+_TRUNCATION_TRIES = 8
+
+
+def _with_question(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    """A copy of `messages` whose last user message (the question) is `text`."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return [dict(m, content=text) if i == last else dict(m) for i, m in enumerate(messages)]
 
 
 def _progress_reporter(progress: bool | Callable[[int, int], None], total: int):

@@ -4,6 +4,11 @@ A reward is either a :class:`BatchReward` (``score(questions, answers, golds) ->
 callable ``f(question, answer)`` / ``f(question, answer, gold)`` returning a float (wrapped by :func:`as_reward`).
 :func:`evaluate` is the one place where a reward's output is checked (count, finiteness).
 
+A reward that runs a model on prompts built from the question and the answer may also define
+``context_need(question, answer_tokens) -> ContextNeed``: its longest prompt for an answer of that many tokens and the
+tokens it generates after it, against its model's context. :class:`~latentseek.loop.LatentSeek` checks it for every
+problem before any model work (:meth:`~latentseek.loop.LatentSeek.check_context`).
+
 - :class:`SelfReward`: the paper's self-verification. The same model answers four verification questions about
   each answer; every check that does not end in an explicit ``Verdict: True`` costs its weight:
   ``R = -(sum of failed weights + format_penalty * [format rule failed]) / (sum of weights)``.
@@ -22,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .chat import build_prompt_ids, stop_token_ids
+from .context import ContextNeed, model_context_length
 from .generation import extend, greedy_picker
 from .model import ModelAdapter
 
@@ -212,6 +218,19 @@ class SelfReward:
         self.format_rule = None if format_rule is None else re.compile(format_rule, re.S)
         self.format_penalty = float(format_penalty)
         self.stop_ids = stop_token_ids(tokenizer, self.adapter)
+        self.context = model_context_length(self.adapter, tokenizer)
+
+    def context_need(self, question: str, answer_tokens: int) -> ContextNeed:
+        """The longest verifier prompt for `question` with an answer of up to `answer_tokens` tokens, and the
+        verifier's max_new_tokens after it (the answer's tokens are counted as they are, not re-tokenized)."""
+        longest = max(
+            len(build_prompt_ids(self.tokenizer, check.prompt.format(question=question, answer="")))
+            for check in self.checks
+        )
+        detail = (
+            f"an answer of up to {answer_tokens} tokens included; the verifier's max_new_tokens {self.max_new_tokens}"
+        )
+        return ContextNeed("verifier prompt", longest + answer_tokens, self.max_new_tokens, self.context, detail)
 
     def responses(self, questions: Sequence[str], answers: Sequence[str]) -> tuple[list[list[str]], list[int]]:
         """The verifier responses ``[answer][check]`` and the tokens generated per answer (one batched call)."""
@@ -220,11 +239,14 @@ class SelfReward:
             for q, a in zip(questions, answers, strict=True)
             for check in self.checks
         ]
+        k = len(self.checks)
+        for i, p in enumerate(prompts):
+            need = ContextNeed("verifier prompt", len(p), self.max_new_tokens, self.context)
+            need.check(i // k, "shorten the question or the answer, or lower the verifier's max_new_tokens")
         gen = extend(
             self.adapter, [(None, p) for p in prompts], self.max_new_tokens, self.stop_ids, picker=greedy_picker()
         )
         texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]
-        k = len(self.checks)
         per_answer = [texts[i * k : (i + 1) * k] for i in range(len(answers))]
         tokens = [sum(len(t) for t in gen.tokens[i * k : (i + 1) * k]) for i in range(len(answers))]
         return per_answer, tokens

@@ -507,6 +507,8 @@ KNOB_HELP: dict[str, str] = {
     "grad_clip": "clip each problem's gradient to this L2 norm",
     "keep_best": "return the best-rewarded answer, not the last",
     "impl": "fused LM-head op",
+    "context_policy": "a problem longer than the model's context: error, or cut the question's middle, or clamp "
+    "max_new_tokens",
     "decode": "decode steps: eager, or graph (static shapes, captured in CUDA graphs on CUDA); unset: the device's",
 }
 
