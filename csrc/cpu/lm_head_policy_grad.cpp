@@ -613,6 +613,7 @@ struct CpuDevice {
 
 TORCH_LIBRARY_IMPL(latentseek_ext, CPU, m) {
   m.impl("lm_head_policy_grad", &lm_head_policy_grad_entry<CpuDevice>);
+  m.impl("lm_head_policy_grad.float_reward", &lm_head_policy_grad_float_reward_entry<CpuDevice>);
   m.impl("lm_head_logprob", &lm_head_logprob_entry<CpuDevice>);
 }
 
