@@ -5,6 +5,11 @@ Subcommands:
 - ``solve "QUESTION"``: LatentSeek on one question, printing each answer and its reward as the search goes.
 - ``eval``: one method on a data set into a run directory (resumable; sharded over ranks under torchrun).
 - ``report RUN [RUN ...]``: the Markdown table and plots of finished or running evaluation runs.
+
+The error boundary is :func:`main`: a user's mistake (a bad flag or knob, a data file, a model that cannot be
+loaded, a run directory in use or of another config, a prompt that does not fit) reaches it as a
+:class:`latentseek.errors.LatentSeekError` and ends with one line ``latentseek: error: ...`` on stderr and exit
+status 2. Nothing else is caught, so a bug in LatentSeek shows its traceback (exit status 1).
 """
 
 from __future__ import annotations
@@ -12,14 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from latentseek.eval.data import DatasetError, Problem, load_problems
+from latentseek.errors import LatentSeekError
+from latentseek.eval.data import Problem, load_problems
 from latentseek.eval.methods import DTYPES, METHODS, LatentSeekMethod, check_knobs, knob_table, make_method, run_config
 from latentseek.eval.prompts import ANSWER_KINDS
 from latentseek.eval.report import report
-from latentseek.eval.runner import init_distributed, run_eval
-from latentseek.eval.storage import RESULTS_FILE, RunError
+from latentseek.eval.runner import ON_ERROR, init_distributed, run_eval
+from latentseek.eval.storage import RESULTS_FILE
 from latentseek.model import load_model
 
 
@@ -69,8 +75,15 @@ def _knobs(args: argparse.Namespace, methods: Sequence[str]) -> dict[str, Any]:
     return {knob.name: getattr(args, knob.name) for knob in knob_table(methods)}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its error on one line (``latentseek eval: error: ...; see --help``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentseek", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="latentseek", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     solve = commands.add_parser("solve", help="LatentSeek on one question, streaming its answers and rewards")
@@ -98,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=1, help="problems solved together")
     r.add_argument("--force", action="store_true", help="start over in --out when its config differs")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument(
+        "--on-error",
+        choices=ON_ERROR,
+        default="record",
+        help="a problem the method raises on (e.g. its reward): record it as failed and go on, or stop the run",
+    )
+    r.add_argument("--retry-failed", action="store_true", help="solve again the problems recorded as failed or skipped")
     ev.set_defaults(handler=_eval)
 
     report_parser = commands.add_parser("report", help="Markdown table and plots of evaluation runs")
@@ -123,10 +143,7 @@ def _fail(message: str) -> int:
 def _solve(args: argparse.Namespace) -> int:
     if args.reward == "oracle" and args.gold is None:
         return _fail("--reward oracle needs --gold")
-    try:
-        knobs = check_knobs("latentseek", _knobs(args, SOLVE_METHODS))
-    except ValueError as e:
-        return _fail(str(e))
+    knobs = check_knobs("latentseek", _knobs(args, SOLVE_METHODS))
     print(f"loading {args.model} ...", flush=True)
     model, tokenizer = _load(args, args.device)
     method = make_method("latentseek", model, tokenizer, **knobs)
@@ -166,17 +183,14 @@ def _extracted(answer: str) -> str | None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    try:
-        knobs = check_knobs(args.method, _knobs(args, METHODS))
-        dataset = {
-            "question_field": args.question_field,
-            "answer_field": args.answer_field,
-            "id_field": args.id_field,
-            "split": args.split,
-        }
-        problems = load_problems(args.dataset, **dataset, limit=args.limit)
-    except (ValueError, DatasetError) as e:
-        return _fail(str(e))
+    knobs = check_knobs(args.method, _knobs(args, METHODS))
+    dataset = {
+        "question_field": args.question_field,
+        "answer_field": args.answer_field,
+        "id_field": args.id_field,
+        "split": args.split,
+    }
+    problems = load_problems(args.dataset, **dataset, limit=args.limit)
     dist = init_distributed()
     device = args.device
     if dist.world_size > 1 and device == "cuda":
@@ -184,24 +198,29 @@ def _eval(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args, device)
     method = make_method(args.method, model, tokenizer, **knobs)
     config = run_config(method, model=args.model, gguf_file=args.gguf_file, dataset=args.dataset, **dataset)
-    try:
-        summary = run_eval(
-            method,
-            problems,
-            args.out,
-            config,
-            batch_size=args.batch_size,
-            force=args.force,
-            progress=not args.no_progress,
-        )
-    except RunError as e:
-        return _fail(str(e))
+    summary = run_eval(
+        method,
+        problems,
+        args.out,
+        config,
+        batch_size=args.batch_size,
+        force=args.force,
+        progress=not args.no_progress,
+        on_error=args.on_error,
+        retry_failed=args.retry_failed,
+    )
     if dist.rank == 0:
         state = " (interrupted)" if summary.interrupted else ""
+        faults = [f"{n} {what}" for n, what in ((summary.failed, "failed"), (summary.skipped, "skipped")) if n]
+        counted = f" ({', '.join(faults)}: counted wrong)" if faults else ""
         print(
             f"{method.name} on {args.dataset}: {summary.done}/{summary.total} problems done{state}, "
-            f"accuracy {summary.correct}/{summary.done} = {100 * summary.accuracy:.1f}%"
+            f"accuracy {summary.correct}/{summary.done} = {100 * summary.accuracy:.1f}%{counted}"
         )
+        if summary.batch_size is not None and summary.batch_size < args.batch_size:
+            print(
+                f"out of memory at --batch-size {args.batch_size}: the run settled on batch size {summary.batch_size}"
+            )
         print(f"records in {summary.out_dir / RESULTS_FILE}; table and plots: latentseek report {summary.out_dir}")
     return 130 if summary.interrupted else 0
 
@@ -214,5 +233,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command; a LatentSeekError ends it with one line on stderr and exit status 2 (see the module)."""
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except LatentSeekError as e:
+        return _fail(str(e))

@@ -24,6 +24,11 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type
 #: Fields the runner writes into every line; a record may not carry them.
 RUNNER_FIELDS = ("id", "gold")
 
+#: What became of a problem: solved (``ok``, whether right or wrong), ``failed`` (the method raised on it, e.g. a
+#: reward callable or verifier; ``error`` holds the text) or ``skipped`` (it cannot fit the model's context).
+Status = Literal["ok", "failed", "skipped"]
+STATUSES: tuple[str, ...] = get_args(Status)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checking a dataclass against its annotations (records here, the methods' settings in latentseek.eval.methods)
@@ -91,6 +96,11 @@ def check_types(obj: Any, error: type[Exception] = ValueError) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class RecordSchemaError(ValueError):
+    """A record that breaks the schema: a bug of the method that built it (the runner never records it as a
+    failed problem), or a results line that does not fit."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Record:
     """One problem's result, as every method returns it (the fields every line of results.jsonl has)."""
@@ -103,6 +113,8 @@ class Record:
     iterations: int = 0  # optimisation steps taken (0 for methods without any)
     rewards: list[float] = field(default_factory=list)  # reward per iteration, the initial answer first
     extras: Mapping[str, Any] = field(default_factory=dict)  # further fields, written beside the others
+    status: Status = "ok"  # failed and skipped records are written by the runner, counted wrong by the report
+    error: str | None = None  # why a problem failed or was skipped (one line); None when ok
 
     #: Every record class, base first: reading picks among them (see `from_json`).
     kinds: ClassVar[list[type[Record]]] = []
@@ -112,19 +124,35 @@ class Record:
         Record.kinds.append(cls)
 
     def __post_init__(self) -> None:
-        check_types(self)
+        check_types(self, RecordSchemaError)
+        if (self.status == "ok") != (self.error is None):
+            raise RecordSchemaError(
+                f"{type(self).__name__}.error must be given exactly when status is not 'ok', got "
+                f"status {self.status!r} and error {self.error!r}"
+            )
         names = {f.name for f in dataclasses.fields(self)}
         for key in self.extras:
             if not isinstance(key, str) or key in names or key in RUNNER_FIELDS:
-                raise ValueError(
+                raise RecordSchemaError(
                     f"{type(self).__name__}.extras may not hold {key!r}: extras are further fields, not "
                     f"{'a field of the record' if key in names else 'the runner fields ' + str(RUNNER_FIELDS)}"
                 )
 
     def to_json(self) -> dict[str, Any]:
-        """The record as a JSON object: its fields in declaration order, then the extras."""
-        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extras"}
+        """The record as a JSON object: its fields in declaration order, then the extras.
+
+        ``status`` and ``error`` are left out of an ``ok`` record, so its line is what it was before they existed.
+        """
+        omitted = {"extras"} | ({"status", "error"} if self.status == "ok" else set())
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in omitted}
         return {**data, **self.extras}
+
+    @classmethod
+    def unsolved(cls, status: Status, error: str, seconds: float = 0.0) -> Record:
+        """The record the runner writes for a problem that failed or was skipped: no answer, counted wrong."""
+        if status == "ok":
+            raise ValueError("Record.unsolved is for status 'failed' or 'skipped', got 'ok'")
+        return Record(prediction=None, correct=False, tokens=0, seconds=seconds, status=status, error=error)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Record:

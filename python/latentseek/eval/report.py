@@ -2,7 +2,8 @@
 
 The table has one row per run (each run is one method on one model and data set): problems finished, accuracy,
 mean optimisation iterations, and generated tokens and wall seconds per problem, so that methods can be compared
-at equal compute. The plots show accuracy by method, the mean reward at each iteration, and how many iterations the
+at equal compute. Problems recorded as failed (the method raised on them) or skipped (longer than the model's
+context) count in ``problems`` and as wrong in the accuracy; the problems cell then says how many they were. The plots show accuracy by method, the mean reward at each iteration, and how many iterations the
 problems took.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentseek.errors import RunError
 from latentseek.eval.record import LatentSeekRecord
 from latentseek.eval.storage import Run, load_run
 
@@ -35,6 +37,8 @@ class RunStats:
     tokens_per_problem: float
     seconds_per_problem: float
     initial_correct: int | None = None  # LatentSeek runs: how many initial (greedy CoT) answers were correct
+    failed: int = 0  # problems the method raised on (in `problems`, counted wrong)
+    skipped: int = 0  # problems longer than the model's context (in `problems`, counted wrong)
 
     @property
     def accuracy(self) -> float:
@@ -65,6 +69,8 @@ class RunStats:
                 if records and all(isinstance(r, LatentSeekRecord) for r in records)
                 else None
             ),
+            failed=sum(r.status == "failed" for r in records),
+            skipped=sum(r.status == "skipped" for r in records),
         )
 
 
@@ -76,7 +82,8 @@ def markdown_table(stats: Sequence[RunStats]) -> str:
     """The report table: accuracy in percent with 1 decimal, iterations and seconds with 2, tokens with 1.
 
     The last column is the accuracy of the initial answers of methods that record one (LatentSeek's greedy CoT
-    answer, before any optimisation), "n/a" for the others.
+    answer, before any optimisation), "n/a" for the others. A run with failed or skipped problems shows how many
+    in its problems cell (``10 (2 failed, 1 skipped)``); they count as wrong.
     """
     lines = [
         "| run | method | problems | accuracy | mean iterations | tokens / problem | seconds / problem "
@@ -90,8 +97,10 @@ def markdown_table(stats: Sequence[RunStats]) -> str:
             if s.initial_correct is None
             else f"{100 * s.initial_correct / s.problems:.1f}% ({s.initial_correct}/{s.problems})"
         )
+        faults = [f"{n} {what}" for n, what in ((s.failed, "failed"), (s.skipped, "skipped")) if n]
+        problems = f"{s.problems} ({', '.join(faults)})" if faults else str(s.problems)
         lines.append(
-            f"| {s.name} | {s.method} | {s.problems} | {accuracy} | {_cell(s.mean_iterations, '.2f')} "
+            f"| {s.name} | {s.method} | {problems} | {accuracy} | {_cell(s.mean_iterations, '.2f')} "
             f"| {_cell(s.tokens_per_problem, '.1f')} | {_cell(s.seconds_per_problem, '.2f')} | {initial} |"
         )
     return "\n".join(lines) + "\n"
@@ -199,18 +208,27 @@ def report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) ->
     runs = [load_run(d) for d in run_dirs]
     stats = [RunStats.of(run) for run in runs]
     out = Path(out_dir) if out_dir is not None else default_report_dir(run_dirs)
-    out.mkdir(parents=True, exist_ok=True)
     plots = [out / ACCURACY_PLOT, out / REWARD_PLOT, out / ITERATIONS_PLOT]
-    plot_accuracy(stats, plots[0])
-    plot_rewards(runs, stats, plots[1])
-    plot_iterations(runs, stats, plots[2])
     table = markdown_table(stats)
+    note = (
+        "Failed and skipped problems (see the problems column) count as wrong in the accuracy.\n\n"
+        if any(s.failed or s.skipped for s in stats)
+        else ""
+    )
     markdown = (
         "# LatentSeek evaluation report\n\n"
         + table
         + "\n"
+        + note
         + "".join(f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots)
     )
     markdown_path = out / REPORT_FILE
-    markdown_path.write_text(markdown, encoding="utf-8")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        plot_accuracy(stats, plots[0])
+        plot_rewards(runs, stats, plots[1])
+        plot_iterations(runs, stats, plots[2])
+        markdown_path.write_text(markdown, encoding="utf-8")
+    except OSError as e:
+        raise RunError(f"cannot write the report into {out}: {e.strerror or e}; choose another --out") from e
     return Report(markdown=markdown, table=table, markdown_path=markdown_path, plot_paths=plots)

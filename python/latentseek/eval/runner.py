@@ -3,6 +3,14 @@
 It takes the directory's lock, refuses a run directory of another configuration, skips the problems already
 finished, deals the others out over the ranks of a torchrun group, and writes one line per problem as soon as its
 batch is done. Ctrl-C or SIGTERM stops after the batch in flight; a second signal stops at once.
+
+Faults of one problem do not end the run. A batch that raises is solved again one problem at a time (a problem's
+result does not depend on its batch) to find the problem at fault: a problem longer than the model's context
+(ContextLengthError) is recorded as ``skipped``, one on which the method raised otherwise (a reward callable or
+verifier) as ``failed`` with the error text, unless ``on_error="stop"``. A batch out of memory (CUDA or host) is
+split in halves, down to one problem, and the smaller size is kept for the rest of the run. Errors of the user's
+setup (:class:`latentseek.errors.LatentSeekError` other than ContextLengthError) and a method building or returning
+records that break the schema still end the run.
 """
 
 from __future__ import annotations
@@ -17,17 +25,18 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-from latentseek.errors import RunError
+from latentseek.errors import ConfigError, ContextLengthError, DatasetError, LatentSeekError, RunError
 from latentseek.eval.data import Problem
-from latentseek.eval.record import Record, StoredRecord
+from latentseek.eval.record import Record, RecordSchemaError, StoredRecord
 from latentseek.eval.storage import (
     LOCK_FILE,
     RESULTS_FILE,
     RecordWriter,
     check_config,
     config_fingerprint,
+    drop_records,
     load_records,
     merge_shards,
     shard_path,
@@ -151,9 +160,13 @@ class RunSummary:
     done: int
     correct: int
     interrupted: bool
+    failed: int = 0  # records of problems the method raised on (counted in done, never correct)
+    skipped: int = 0  # records of problems longer than the model's context (counted in done, never correct)
+    batch_size: int | None = None  # the batch size the run settled on (smaller than asked after running out of memory)
 
     @property
     def accuracy(self) -> float:
+        """Correct over done: failed and skipped problems count as wrong."""
         return self.correct / self.done if self.done else float("nan")
 
 
@@ -169,6 +182,81 @@ def _check_batch(method: Method, batch: Sequence[Problem], records: Sequence[Rec
                 f"problem {problem.id}: {type(method).__name__}.solve_batch returned a {type(record).__name__}, "
                 "expected a latentseek.eval.record.Record"
             )
+
+
+#: What a problem the method raises on becomes: a ``failed`` record (the run goes on), or the end of the run.
+OnError = Literal["record", "stop"]
+ON_ERROR: tuple[str, ...] = ("record", "stop")
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+class _Solver:
+    """Solves a batch with the method, isolating the faults of single problems (see the module's docstring)."""
+
+    def __init__(self, method: Method, batch_size: int, on_error: OnError) -> None:
+        self.method = method
+        self.batch_size = batch_size  # lowered, never raised, when a batch runs out of memory
+        self.on_error = on_error
+
+    def solve(self, batch: Sequence[Problem]) -> list[Record]:
+        records: list[Record] = []
+        start = 0
+        while start < len(batch):
+            part = batch[start : start + self.batch_size]
+            records += self._solve(part)
+            start += len(part)
+        return records
+
+    def _solve(self, batch: Sequence[Problem]) -> list[Record]:
+        started = time.perf_counter()
+        try:
+            records = self.method.solve_batch(batch)
+        except ContextLengthError as e:
+            if len(batch) == 1:
+                return [Record.unsolved("skipped", str(e), time.perf_counter() - started)]
+            fault = "one by one"
+        except (LatentSeekError, RecordSchemaError):  # the user's setup, or a bug of the method: not one problem's
+            raise
+        except Exception as e:
+            if _is_out_of_memory(e) and len(batch) > 1:
+                fault = "split"
+            elif len(batch) == 1:
+                if self.on_error == "stop":
+                    raise RunError(
+                        f"problem {batch[0].id}: the method raised {_one_line(e)}; stopped (--on-error stop); "
+                        "the records written before are kept and a rerun resumes"
+                    ) from e
+                return [Record.unsolved("failed", _one_line(e), time.perf_counter() - started)]
+            else:
+                fault = "one by one"
+        else:
+            _check_batch(self.method, batch, records)
+            return list(records)
+        # Here, outside the except clause, the exception and the tensors its frames hold are released.
+        if fault == "split":
+            self.batch_size = min(self.batch_size, (len(batch) + 1) // 2)
+            _release_memory()
+            return self.solve(batch)
+        return [record for problem in batch for record in self._solve([problem])]
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 #: On a stream that is not a terminal (a CI log), the most seconds between two progress lines.
@@ -251,6 +339,8 @@ def run_eval(
     batch_size: int = 1,
     force: bool = False,
     progress: bool = True,
+    on_error: OnError = "record",
+    retry_failed: bool = False,
 ) -> RunSummary:
     """Solves the problems not yet in `out_dir` with `method`, one JSONL record each, and returns the summary.
 
@@ -261,12 +351,23 @@ def run_eval(
 
     Ctrl-C or SIGTERM stops after the batch in flight (a second one stops at once) and the summary says
     ``interrupted``; a killed process loses at most the batch in flight.
+
+    A problem the method raises on is recorded as ``failed`` (``on_error="record"``) or ends the run with RunError
+    (``"stop"``); one longer than the model's context is recorded as ``skipped``. Failed and skipped problems count
+    as finished: a rerun keeps them unless `retry_failed`. A batch out of memory is split in halves (the summary's
+    ``batch_size`` is the size the run settled on). A results file that cannot be written raises RunError; the
+    records written before it stay, and a rerun resumes after them.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size (--batch-size) must be >= 1, got {batch_size}")
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error (--on-error) must be one of {ON_ERROR}, got {on_error!r}")
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
-        raise ValueError("problem ids are not unique")
+        twice = next(i for i in ids if ids.count(i) > 1)
+        raise DatasetError(
+            f"problem ids are not unique: {twice!r} appears more than once; give each problem its own id"
+        )
     config_fingerprint(config)  # a config that is not plain JSON fails here, before anything is written
     dist_info = init_distributed()
     out = Path(out_dir)
@@ -281,6 +382,9 @@ def run_eval(
             if start_over:
                 supersede(out)
             write_config(out, config)
+            if retry_failed:
+                merge_shards(out, ids)
+                drop_records(out, {r.id for r in load_records(out) if r.record.status != "ok"})
         _barrier(dist_info)
         finished = {r.id: r for r in load_records(out)}
         _barrier(dist_info)  # all ranks know what was finished before any rank adds to it
@@ -296,17 +400,17 @@ def run_eval(
         interrupted = False
         batches = -(-len(mine) // batch_size)
         display = _Display(done + len(mine), done, correct, batches, dist_info, out.name) if progress else None
+        solver = _Solver(method, batch_size, on_error)
         try:
             with StopRequest() as stop, RecordWriter(path) as writer:
                 for start in range(0, len(mine), batch_size):
                     batch = mine[start : start + batch_size]
                     if display is None:
-                        records = method.solve_batch(batch)
+                        records = solver.solve(batch)
                     else:
                         display.start_batch()
                         with reporting(display.on_event):
-                            records = method.solve_batch(batch)
-                    _check_batch(method, batch, records)
+                            records = solver.solve(batch)
                     for problem, record in zip(batch, records, strict=True):
                         writer.append(StoredRecord(problem.id, problem.gold, record).to_json())
                         if display is not None:
@@ -329,4 +433,7 @@ def run_eval(
         done=len(records),
         correct=sum(r.record.correct for r in records),
         interrupted=interrupted,
+        failed=sum(r.record.status == "failed" for r in records),
+        skipped=sum(r.record.status == "skipped" for r in records),
+        batch_size=solver.batch_size,
     )

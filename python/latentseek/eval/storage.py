@@ -105,20 +105,46 @@ def repair_jsonl(path: str | Path) -> int:
     return len(data) - valid_end
 
 
+def _unwritable(path: Path, e: OSError) -> RunError:
+    return RunError(
+        f"cannot write {path}: {e.strerror or e} (errno {e.errno}); the records written before are intact: "
+        "free space or fix the permissions, then rerun the same command to resume"
+    )
+
+
 class RecordWriter:
-    """Appends records to a JSONL file, one ``write`` + ``fsync`` per record, after repairing a torn last line."""
+    """Appends records to a JSONL file, one ``write`` + ``fsync`` per record, after repairing a torn last line.
+
+    A write that fails (the disk full, the file no longer writable) raises RunError after cutting the file back to
+    its last complete record (where it can), so the records before stay readable and a rerun resumes after them.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        repair_jsonl(self.path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            repair_jsonl(self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _unwritable(self.path, e) from e
 
     def append(self, record: Mapping[str, Any]) -> None:
         view = memoryview(record_line(record))
-        while view:  # a regular file takes it in one write; the loop only guards the rare short write
-            view = view[os.write(self._fd, view) :]
-        os.fsync(self._fd)
+        try:
+            size = os.fstat(self._fd).st_size
+            try:
+                while view:  # a regular file takes it in one write; the loop only guards the rare short write
+                    view = view[self._write(view) :]
+                os.fsync(self._fd)
+            except OSError:
+                with contextlib.suppress(OSError):  # readers and the next writer drop a torn line anyway
+                    os.ftruncate(self._fd, size)
+                raise
+        except OSError as e:
+            raise _unwritable(self.path, e) from e
+
+    def _write(self, data: memoryview) -> int:
+        return os.write(self._fd, data)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -181,6 +207,19 @@ def load_records(run_dir: str | Path) -> list[StoredRecord]:
     return records
 
 
+def drop_records(run_dir: str | Path, ids: set[str]) -> int:
+    """Removes the records of `ids` from results.jsonl (rewritten atomically, other lines copied as they are).
+
+    Shards must have been merged first. Returns the number of records removed.
+    """
+    path = Path(run_dir) / RESULTS_FILE
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("id") not in ids]
+    if len(kept) < len(records):
+        _write_atomically(path, b"".join(record_line(r) for r in kept))
+    return len(records) - len(kept)
+
+
 def merge_shards(run_dir: str | Path, order: Sequence[str] = ()) -> int:
     """Folds shard files into results.jsonl (sorted by `order`, unknown ids last) and removes them.
 
@@ -240,7 +279,15 @@ def load_config(run_dir: str | Path) -> dict[str, Any] | None:
     path = Path(run_dir) / CONFIG_FILE
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))["config"]
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (ValueError, KeyError, TypeError) as e:  # JSON or UTF-8 errors, no "config" key, not an object
+        raise RunError(
+            f"{path} is not a run config ({type(e).__name__}: {e}); restore it or move the run directory away"
+        ) from e
+    if not isinstance(config, dict):
+        raise RunError(f"{path}: 'config' must be a JSON object, got {type(config).__name__}")
+    return config
 
 
 def check_config(run_dir: Path, config: Mapping[str, Any], force: bool) -> bool:
