@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.new_tokens < 2:
         raise SystemExit(f"--new-tokens must be >= 2 (decode time runs from the first pick), got {args.new_tokens}")
+    if args.reps < 1:
+        raise SystemExit(f"--reps must be >= 1, got {args.reps}")
     if not os.path.isfile(args.model):
         raise SystemExit(f"--model must be a .gguf file, got {args.model!r} (bash tools/fetch_qwen_gguf.sh OUT.gguf)")
     dirty = common.check_tree(args.out_dir, args.allow_dirty)
@@ -258,15 +260,6 @@ def main(argv: list[str] | None = None) -> None:
 
     for (_, batch), decode in decoders.items():  # warm-up: allocations, oneDNN primitives, llama.cpp graphs
         decode(prompts[:batch], 4)
-    times: dict[tuple[Route, int], list[float]] = {key: [] for key in decoders}
-    for rep in range(args.reps):
-        for (route, batch), decode in decoders.items():
-            times[(route, batch)].append(decode(prompts[:batch], args.new_tokens))
-            tps = batch * (args.new_tokens - 1) / times[(route, batch)][-1]
-            print(f"rep {rep + 1}/{args.reps}: {route.name}, batch {batch}: {tps:.1f} tokens/s", flush=True)
-    torch.set_num_threads(all_threads)
-
-    rows = [Row(route, batch, args.new_tokens, tuple(t)) for (route, batch), t in times.items()]
     payload = {
         "stamp": common.stamp("cpu", dirty),
         "command": common.command_line(sys.argv if argv is None else [__file__, *argv]),
@@ -276,17 +269,24 @@ def main(argv: list[str] | None = None) -> None:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
             "prompt_tokens": [len(p) for p in prompts],
             "new_tokens": args.new_tokens,
-            "reps": args.reps,
             "versions": {name: _version(name) for name in ("transformers", "torchao", "llama_cpp_python")},
         },
         "skipped": skipped,
-        "rows": [
+    }
+    times: dict[tuple[Route, int], list[float]] = {key: [] for key in decoders}
+    for rep in range(args.reps):
+        for (route, batch), decode in decoders.items():
+            times[(route, batch)].append(decode(prompts[:batch], args.new_tokens))
+            tps = batch * (args.new_tokens - 1) / times[(route, batch)][-1]
+            print(f"rep {rep + 1}/{args.reps}: {route.name}, batch {batch}: {tps:.1f} tokens/s", flush=True)
+        rows = [Row(route, batch, args.new_tokens, tuple(t)) for (route, batch), t in times.items()]
+        payload["rows"] = [
             {**dataclasses.asdict(r), "route_name": r.route.name, "tokens_per_s": dataclasses.asdict(r.tokens_per_s)}
             for r in rows
-        ],
-    }
-    md = to_markdown(payload, rows)
-    json_path, md_path = common.write_results(args.tag, payload, md, args.out_dir)
+        ]
+        md = to_markdown(payload, rows)
+        common.write_results(args.tag, payload, md, args.out_dir)  # every repetition: a partial run survives
+    torch.set_num_threads(all_threads)
     plot(rows, payload["stamp"], args.out_dir / f"{args.tag}.png")
     print(md)
     print(f"wrote {args.tag}.json, .md and .png")
