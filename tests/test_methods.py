@@ -212,6 +212,10 @@ def test_latentseek_records_the_search(model, tok, problems):
         assert record.verifier_tokens == 0 and record.tokens == record.generated_tokens
         assert record.initial_correct == answers_match(record.initial_response, "5")
         assert record.initial_prediction == extract_answer(record.initial_response)
+        # every answer's extraction, for the report's step-budget curve: the initial one first, the returned last
+        assert len(record.step_predictions) == 3
+        assert record.step_predictions[0] == record.initial_prediction
+        assert record.step_predictions[record.final_index] == record.prediction
     assert method.name == "latentseek-custom"
 
 

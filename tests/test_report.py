@@ -11,10 +11,15 @@ from latentseek.errors import RunError
 from latentseek.eval.record import LatentSeekRecord, Record, StoredRecord
 from latentseek.eval.report import (
     ACCURACY_PLOT,
+    BUDGET_PLOT,
     ITERATIONS_PLOT,
     REPORT_FILE,
     REWARD_PLOT,
+    TOKENS_PLOT,
     RunStats,
+    accuracy_at_budgets,
+    answer_at_budget,
+    budget_curve,
     default_report_dir,
     markdown_table,
     mean_reward_by_iteration,
@@ -73,7 +78,13 @@ def test_report_table_equals_the_jsonl_and_files_exist(runs, tmp_path):
     result = report(runs, out)
     assert result.markdown_path == out / REPORT_FILE
     assert result.markdown_path.read_text() == result.markdown and result.table in result.markdown
-    assert [p.name for p in result.plot_paths] == [ACCURACY_PLOT, REWARD_PLOT, ITERATIONS_PLOT]
+    assert [p.name for p in result.plot_paths] == [
+        ACCURACY_PLOT,
+        REWARD_PLOT,
+        ITERATIONS_PLOT,
+        BUDGET_PLOT,
+        TOKENS_PLOT,
+    ]
     for plot in result.plot_paths:
         assert plot.read_bytes().startswith(PNG_SIGNATURE) and plot.stat().st_size > 5000
         assert f"({plot.name})" in result.markdown
@@ -183,3 +194,96 @@ def test_committed_runs_load_and_give_the_committed_report_table():
     for run in runs:  # a record writes back the line it was read from
         lines = (run.path / RESULTS_FILE).read_text(encoding="utf-8").splitlines()
         assert [json.loads(line) for line in lines] == [r.to_json() for r in run.records]
+
+
+def step_record(predictions, rewards, gold, keep_best=False) -> StoredRecord:
+    """A LatentSeek record built by hand from its per-step answers and rewards (the loop's final answer chosen
+    as the loop chooses it)."""
+    iterations = len(predictions) - 1
+    final = max(range(iterations + 1), key=lambda i: (rewards[i], -i)) if keep_best else iterations
+    correct = predictions[final] == gold
+    record = LatentSeekRecord(
+        prediction=predictions[final],
+        correct=correct,
+        tokens=10,
+        seconds=0.1,
+        iterations=iterations,
+        rewards=rewards,
+        initial_prediction=predictions[0],
+        initial_correct=predictions[0] == gold,
+        initial_response="",
+        final_index=final,
+        update_length=2,
+        solved=rewards[final] > -0.2,
+        generated_tokens=10,
+        verifier_tokens=0,
+        step_predictions=predictions,
+    )
+    return StoredRecord(f"q{gold}", gold, record)
+
+
+# Threshold -0.2, max_steps 3. A stopped on its threshold at step 2; B's initial answer passed (no steps);
+# C ran out of steps, its best reward at step 1; D failed.
+A = (["1", "2", "3"], [-1.0, -1.0, 0.0], "3")
+B = (["5"], [0.0], "5")
+C = (["7", "8", "9", "9"], [-1.0, -0.6, -1.0, -1.0], "8")
+
+
+def test_answer_at_budget_follows_the_loop():
+    a, b, c = (step_record(*x).record for x in (A, B, C))
+    assert [answer_at_budget(a, k, keep_best=False) for k in range(4)] == [0, 1, 2, 2]  # stopped early at 2
+    assert [answer_at_budget(b, k, keep_best=False) for k in range(4)] == [0, 0, 0, 0]  # budget 0 = initial CoT
+    assert [answer_at_budget(c, k, keep_best=False) for k in range(4)] == [0, 1, 2, 3]  # the last answer
+    assert [answer_at_budget(c, k, keep_best=True) for k in range(4)] == [0, 1, 1, 1]  # the best so far
+    assert [answer_at_budget(a, k, keep_best=True) for k in range(4)] == [0, 0, 2, 2]  # the earliest of equals
+    with pytest.raises(ValueError, match="budget must be >= 0"):
+        answer_at_budget(a, -1, keep_best=False)
+
+
+def test_accuracy_at_budgets_from_hand_built_records():
+    failed = StoredRecord("qf", "4", Record.unsolved("failed", "reward raised"))
+    for keep_best, want in ((False, [0.25, 0.5, 0.5, 0.5]), (True, [0.25, 0.5, 0.75, 0.75])):
+        records = [step_record(*x, keep_best=keep_best) for x in (A, B, C)] + [failed]
+        assert accuracy_at_budgets(records, range(4), keep_best) == want
+        # the full budget gives back the run's own accuracy
+        assert want[-1] == sum(r.record.correct for r in records) / len(records)
+    old = StoredRecord("qo", "5", dataclasses.replace(step_record(*B).record, step_predictions=[]))
+    with pytest.raises(ValueError, match="step_predictions"):
+        accuracy_at_budgets([old], [0], keep_best=False)
+    # under the oracle reward the rewards are the verdicts (0 right, -1 wrong): older records suffice
+    older = [
+        StoredRecord(s.id, s.gold, dataclasses.replace(s.record, step_predictions=[]))
+        for s in map(lambda x: step_record(*x), (A, B))
+    ]
+    assert accuracy_at_budgets(older, range(4), keep_best=False, oracle=True) == [0.5, 0.5, 1.0, 1.0]
+
+
+class StepMethod(FakeMethod):
+    """Returns the hand-built records A, B, C (with or without their per-step answers)."""
+
+    def __init__(self, with_steps: bool) -> None:
+        super().__init__()
+        self.with_steps = with_steps
+
+    def solve_batch(self, problems):
+        out = []
+        for p in problems:
+            r = step_record(*(A, B, C)[int(p.id[1:])]).record
+            out.append(r if self.with_steps else dataclasses.replace(r, step_predictions=[]))
+        return out
+
+
+def test_report_draws_the_budget_curve_and_notes_runs_without_steps(tmp_path):
+    problems = [dataclasses.replace(p, gold=x[2]) for p, x in zip(make_problems(3), (A, B, C), strict=True)]
+    config = {"method": "latentseek-self", "knobs": {"max_steps": 3, "keep_best": True}}
+    new, old = tmp_path / "new", tmp_path / "old"
+    run_eval(StepMethod(with_steps=True), problems, new, config, progress=False)
+    run_eval(StepMethod(with_steps=False), problems, old, config, progress=False)
+    assert budget_curve(load_run(new)) == ([0, 1, 2, 3], [1 / 3, 2 / 3, 1.0, 1.0])
+    assert budget_curve(load_run(old)) is None
+    line = json.loads((old / RESULTS_FILE).read_text().splitlines()[0])
+    assert "step_predictions" not in line  # an older record's line is unchanged
+    result = report([new, old], tmp_path / "r")
+    assert "leaves out old:" in result.markdown and "leaves out new" not in result.markdown
+    for plot in result.plot_paths[3:]:
+        assert plot.read_bytes().startswith(PNG_SIGNATURE) and f"({plot.name})" in result.markdown

@@ -471,6 +471,7 @@ class LatentSeekMethod(MethodBase):
                     solved=r.solved,
                     generated_tokens=r.generated_tokens,
                     verifier_tokens=verifier,
+                    step_predictions=[extract_answer(a) for a in r.answers],
                 )
             )
         return records

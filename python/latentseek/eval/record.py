@@ -213,6 +213,18 @@ class LatentSeekRecord(Record):
     solved: bool  # the returned answer's reward is above the threshold
     generated_tokens: int  # tokens of the answers and continuations
     verifier_tokens: int  # tokens of the self-verification (generated_tokens + verifier_tokens = tokens)
+    # The extracted answer of every answer, the initial one first (len = iterations + 1), so that the report can
+    # judge the answer the loop would have returned under any smaller step budget. Empty in runs recorded before
+    # the field existed.
+    step_predictions: list[str | None] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """As :meth:`Record.to_json`; an empty ``step_predictions`` (an older record) is left out, so its line
+        writes back unchanged."""
+        data = super().to_json()
+        if not self.step_predictions:
+            del data["step_predictions"]
+        return data
 
 
 @dataclass(frozen=True)

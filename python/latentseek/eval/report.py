@@ -3,8 +3,10 @@
 The table has one row per run (each run is one method on one model and data set): problems finished, accuracy,
 mean optimisation iterations, and generated tokens and wall seconds per problem, so that methods can be compared
 at equal compute. Problems recorded as failed (the method raised on them) or skipped (longer than the model's
-context) count in ``problems`` and as wrong in the accuracy; the problems cell then says how many they were. The plots show accuracy by method, the mean reward at each iteration, and how many iterations the
-problems took.
+context) count in ``problems`` and as wrong in the accuracy; the problems cell then says how many they were.
+The plots show accuracy by method, the mean reward at each iteration, how many iterations the problems took, the
+test-time scaling curve (accuracy of a LatentSeek run against the step budget, from its recorded per-step answers:
+no extra compute) and accuracy against generated tokens per problem for every run.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from latentseek.config import LatentSeekConfig
 from latentseek.errors import RunError
-from latentseek.eval.record import LatentSeekRecord
+from latentseek.eval.judge import is_equivalent
+from latentseek.eval.record import LatentSeekRecord, StoredRecord
 from latentseek.eval.storage import Run, load_run
 
 REPORT_FILE = "report.md"
 ACCURACY_PLOT = "accuracy_by_method.png"
 REWARD_PLOT = "reward_by_iteration.png"
 ITERATIONS_PLOT = "iterations_histogram.png"
+BUDGET_PLOT = "accuracy_by_budget.png"
+TOKENS_PLOT = "accuracy_by_tokens.png"
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,85 @@ def mean_reward_by_iteration(run: Run) -> list[float]:
     return means
 
 
+def answer_at_budget(record: LatentSeekRecord, budget: int, keep_best: bool) -> int:
+    """The index of the answer the loop would have returned had it been capped at `budget` optimiser steps.
+
+    The capped loop takes the same steps as the recorded one up to the cap: it stops at the first answer whose
+    reward passes the threshold, which the recorded run did too (at step ``iterations``, or never and then it ran
+    out of steps or had no latents to optimise). So it has the answers 0..m with m = min(budget, iterations) and
+    returns answer m, or with ``keep_best`` the best-rewarded of them (the earliest among equals), as
+    ``LatentSeek._result`` picks. Budget 0 is the initial greedy CoT answer.
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0 optimiser steps, got {budget}")
+    m = min(budget, record.iterations)
+    if not keep_best:
+        return m
+    return max(range(m + 1), key=lambda i: (record.rewards[i], -i))
+
+
+#: OracleReward's score of an answer the judge accepts (latentseek.rewards.OracleReward: 0 right, -1 wrong).
+ORACLE_RIGHT = 0.0
+
+
+def has_step_answers(record: LatentSeekRecord, oracle: bool = False) -> bool:
+    """Whether a record tells each step's answer right or wrong: it holds every step's extracted answer (records
+    written before ``step_predictions`` existed do not), or, under the oracle reward, the reward of every step,
+    which is the judge's verdict."""
+    if len(record.rewards) != record.iterations + 1:
+        return False
+    return len(record.step_predictions) == record.iterations + 1 or oracle
+
+
+def accuracy_at_budgets(
+    records: Sequence[StoredRecord], budgets: Sequence[int], keep_best: bool, oracle: bool = False
+) -> list[float]:
+    """Accuracy at each step budget: the judge's verdict on `answer_at_budget`'s answer against the gold.
+
+    The verdict comes from the record's ``step_predictions``; a record without them under the oracle reward
+    (`oracle`) uses the step's reward, which is that verdict. Records that are not LatentSeek answers (failed or
+    skipped problems) count as wrong at every budget. ValueError when a record tells neither
+    (see `has_step_answers`).
+    """
+    n = len(records)
+    correct = [0] * len(budgets)
+    for stored in records:
+        r = stored.record
+        if not isinstance(r, LatentSeekRecord) or r.status != "ok":
+            continue
+        if not has_step_answers(r, oracle):
+            raise ValueError(
+                f"record {stored.id!r} must hold iterations + 1 = {r.iterations + 1} step_predictions and rewards, "
+                f"got {len(r.step_predictions)} and {len(r.rewards)}"
+            )
+        for j, k in enumerate(budgets):
+            i = answer_at_budget(r, k, keep_best)
+            if r.step_predictions:
+                correct[j] += is_equivalent(r.step_predictions[i], stored.gold)
+            else:
+                correct[j] += r.rewards[i] == ORACLE_RIGHT
+    return [c / n if n else math.nan for c in correct]
+
+
+def budget_curve(run: Run) -> tuple[list[int], list[float]] | None:
+    """(budgets 0..max_steps, accuracy at each) of a LatentSeek run; None for other runs and for LatentSeek runs
+    whose records do not tell each step's answer right or wrong (see `has_step_answers`)."""
+    records = [s.record for s in run.records]
+    ok = [r for r in records if r.status == "ok"]
+    knobs = run.config.get("knobs", {})
+    oracle = knobs.get("reward") == "oracle"
+    if not ok or not all(isinstance(r, LatentSeekRecord) and has_step_answers(r, oracle) for r in ok):
+        return None
+    max_steps = int(knobs.get("max_steps", max(r.iterations for r in ok)))
+    keep_best = bool(knobs.get("keep_best", LatentSeekConfig.keep_best))
+    budgets = list(range(max_steps + 1))
+    return budgets, accuracy_at_budgets(run.records, budgets, keep_best, oracle)
+
+
+def is_latentseek_run(run: Run) -> bool:
+    return any(isinstance(s.record, LatentSeekRecord) for s in run.records)
+
+
 def _figure():
     # The object-oriented API draws with the Agg canvas and never touches pyplot's global backend or display.
     from matplotlib.figure import Figure
@@ -183,6 +268,64 @@ def plot_iterations(runs: Sequence[Run], stats: Sequence[RunStats], path: Path) 
     fig.savefig(path, dpi=120)
 
 
+def plot_budget(runs: Sequence[Run], stats: Sequence[RunStats], path: Path) -> list[str]:
+    """The test-time scaling curve of every LatentSeek run with per-step answers; returns the names of the
+    LatentSeek runs without them (drawn as a note instead)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = _figure()
+    missing = []
+    for run, s in zip(runs, stats, strict=True):
+        curve = budget_curve(run)
+        if curve is not None:
+            ax.plot(curve[0], [100 * a for a in curve[1]], marker="o", label=s.label)
+        elif is_latentseek_run(run):
+            missing.append(s.name)
+    if len(missing) < sum(map(is_latentseek_run, runs)):
+        ax.legend(loc="lower right")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, 105)
+    if missing:
+        drawn = ax.get_legend() is not None
+        ax.text(
+            *((0.02, 0.97) if drawn else (0.5, 0.5)),
+            "no per-step answers recorded: " + ", ".join(missing),
+            ha="left" if drawn else "center",
+            va="top" if drawn else "center",
+            transform=ax.transAxes,
+            fontsize=8,
+            wrap=True,
+        )
+    elif not ax.get_legend():
+        _note(ax, "no LatentSeek runs")
+    ax.set_xlabel("step budget (0 = initial CoT answer)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy by LatentSeek step budget (from recorded answers)")
+    fig.savefig(path, dpi=120)
+    return missing
+
+
+def plot_tokens(stats: Sequence[RunStats], path: Path) -> None:
+    """One labelled point per run: (mean generated tokens per problem, accuracy); log-x when they span 10x."""
+    fig, ax = _figure()
+    points = [s for s in stats if s.problems and not math.isnan(s.tokens_per_problem)]
+    for s in points:
+        x, y = s.tokens_per_problem, 100 * s.accuracy
+        ax.plot([x], [y], marker="o", linestyle="none", label=s.label)  # a legend, as labels beside points overlap
+    tokens = [s.tokens_per_problem for s in points]
+    if tokens and min(tokens) > 0 and max(tokens) / min(tokens) >= 10:
+        ax.set_xscale("log")
+    if points:
+        ax.legend(fontsize=8)
+    else:
+        _note(ax, "no records")
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("generated tokens per problem (answers and self-verification)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy by compute")
+    fig.savefig(path, dpi=120)
+
+
 @dataclass(frozen=True)
 class Report:
     """What `report` wrote: the Markdown file (its text and its table) and the plots."""
@@ -208,19 +351,12 @@ def report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) ->
     runs = [load_run(d) for d in run_dirs]
     stats = [RunStats.of(run) for run in runs]
     out = Path(out_dir) if out_dir is not None else default_report_dir(run_dirs)
-    plots = [out / ACCURACY_PLOT, out / REWARD_PLOT, out / ITERATIONS_PLOT]
+    plots = [out / ACCURACY_PLOT, out / REWARD_PLOT, out / ITERATIONS_PLOT, out / BUDGET_PLOT, out / TOKENS_PLOT]
     table = markdown_table(stats)
     note = (
         "Failed and skipped problems (see the problems column) count as wrong in the accuracy.\n\n"
         if any(s.failed or s.skipped for s in stats)
         else ""
-    )
-    markdown = (
-        "# LatentSeek evaluation report\n\n"
-        + table
-        + "\n"
-        + note
-        + "".join(f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots)
     )
     markdown_path = out / REPORT_FILE
     try:
@@ -228,6 +364,22 @@ def report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) ->
         plot_accuracy(stats, plots[0])
         plot_rewards(runs, stats, plots[1])
         plot_iterations(runs, stats, plots[2])
+        missing = plot_budget(runs, stats, plots[3])
+        plot_tokens(stats, plots[4])
+        if missing:
+            note += (
+                f"The step-budget curve leaves out {', '.join(missing)}: recorded without the per-step answers "
+                "(`step_predictions`) that LatentSeek records hold since the curve exists; rerun them to draw it. "
+                "Under the oracle reward a step's reward is the judge's verdict, so older oracle runs are drawn "
+                "from their rewards.\n\n"
+            )
+        markdown = (
+            "# LatentSeek evaluation report\n\n"
+            + table
+            + "\n"
+            + note
+            + "".join(f"![{p.stem.replace('_', ' ')}]({p.name})\n" for p in plots)
+        )
         markdown_path.write_text(markdown, encoding="utf-8")
     except OSError as e:
         raise RunError(f"cannot write the report into {out}: {e.strerror or e}; choose another --out") from e
