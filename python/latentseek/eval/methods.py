@@ -107,7 +107,10 @@ class SamplingSettings(GenerationSettings):
         super()._check()
         if self.n_candidates < 1:
             raise ConfigError(f"n_candidates must be >= 1, got {self.n_candidates}")
-        sampling_picker(self.temperature, self.top_p, self.seed, 1)  # its checks of temperature and top_p, now
+        try:
+            sampling_picker(self.temperature, self.top_p, self.seed, 1)  # its checks of temperature and top_p, now
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -373,7 +373,10 @@ def run_eval(
     out = Path(out_dir)
     lead = dist_info.rank == 0
     if lead:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"cannot make the run directory {out}: {e.strerror or e}; choose another --out") from e
     _barrier(dist_info)
     with _run_lock(out) if lead else contextlib.nullcontext():
         start_over = check_config(out, config, force)  # every rank reads it, so every rank raises alike

@@ -90,7 +90,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         return []
-    return _parse_lines(path.read_bytes(), path)[0]
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RunError(f"cannot read {path}: {e.strerror or e}; a results file must be a readable file") from e
+    return _parse_lines(data, path)[0]
 
 
 def repair_jsonl(path: str | Path) -> int:
