@@ -388,7 +388,7 @@ API_CASES = [
     ("make_method-unknown-knob",
      lambda t: __import__("latentseek.eval.methods").eval.methods.check_knobs("cot", {"rho": 0.2}), ConfigError, "rho"),
     ("load_model-missing", lambda t: __import__("latentseek.model").model.load_model(str(t / "m")), ModelLoadError,
-     "m"),
+     "m: no such file or folder"),
     ("LatentSeekConfig-rho", lambda t: __import__("latentseek.config").config.LatentSeekConfig(rho=2.0), ConfigError,
      "rho"),
     ("RecordWriter-parent-is-a-file", lambda t: RecordWriter(t / "problems.jsonl" / "r.jsonl"), RunError,
