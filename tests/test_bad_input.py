@@ -415,11 +415,20 @@ def test_api(name, call, error, message, tmp_path):
 # --- the policies behind the rows -------------------------------------------------------------------------------------
 
 
-def test_a_problem_longer_than_the_context_is_skipped_and_the_others_solved(tmp_path, tiny_lm):
+@pytest.mark.parametrize(
+    "name, knobs",
+    [
+        ("latentseek", {"reward": "oracle", "max_steps": 1}),
+        ("cot", {}),
+        ("bon", {"reward": "oracle", "n_candidates": 2}),
+        ("self-consistency", {"n_candidates": 2}),
+    ],
+)
+def test_a_problem_longer_than_the_context_is_skipped_and_the_others_solved(tmp_path, tiny_lm, name, knobs):
     from latentseek.eval.methods import make_method
 
     model, tok = tiny_lm  # its context: 1024 positions
-    method = make_method("latentseek", model, tok, reward="oracle", max_steps=1, max_new_tokens=2)
+    method = make_method(name, model, tok, max_new_tokens=2, **knobs)
     problems = make_problems(3)
     problems[1] = Problem(id="p001", question="what " * 1100, gold="2", answer_kind="number")
     summary = run_eval(method, problems, tmp_path / "r", {"method": "ls"}, batch_size=3, progress=False)

@@ -40,6 +40,7 @@ import torch
 
 from ..chat import build_prompt_ids, question_text, stop_token_ids
 from ..config import LatentSeekConfig
+from ..context import ContextNeed, model_context_length
 from ..errors import ConfigError
 from ..generation import Picker, extend, greedy_picker, sampling_picker
 from ..loop import AnswerCallback, LatentSeek, Result
@@ -300,8 +301,19 @@ class _Generating(MethodBase):
         rows = [(None, p) for p in prompts]
         return extend(self.adapter, rows, self.settings.max_new_tokens, self.stop_ids, picker=picker).tokens
 
+    def _prompt_ids(self, problems: Sequence[Problem]) -> list[list[int]]:
+        """Each problem's prompt ids, checked against the model's context before any model work: a problem whose
+        prompt plus ``max_new_tokens`` does not fit raises :class:`~latentseek.errors.ContextLengthError` naming its
+        index in the batch (the runner then records it as skipped)."""
+        prompts = [build_prompt_ids(self.tokenizer, self.messages(p)) for p in problems]
+        context = model_context_length(self.adapter, self.tokenizer)
+        for i, ids in enumerate(prompts):
+            need = ContextNeed("prompt", len(ids), self.settings.max_new_tokens, context, "max_new_tokens")
+            need.check(i, "shorten the question or lower --max-new-tokens")
+        return prompts
+
     def _greedy(self, problems: Sequence[Problem]) -> list[list[int]]:
-        return self._generate([build_prompt_ids(self.tokenizer, self.messages(p)) for p in problems], greedy_picker())
+        return self._generate(self._prompt_ids(problems), greedy_picker())
 
     def _decode(self, tokens: Sequence[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -312,8 +324,7 @@ class _Generating(MethodBase):
         if s.n_candidates <= first:
             return [[] for _ in problems]
         prompts, seeds = [], []
-        for p in problems:
-            ids = build_prompt_ids(self.tokenizer, self.messages(p))
+        for p, ids in zip(problems, self._prompt_ids(problems), strict=True):
             for k in range(first, s.n_candidates):
                 prompts.append(ids)
                 seeds.append(row_seed(s.seed, p.id, k))
