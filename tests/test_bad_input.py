@@ -274,6 +274,7 @@ CLI_CASES = [
     Case("rho-above-one", lambda c: [*_eval(c.dataset, c.new), "--method", "latentseek", "--rho", "1.5"], 2, "rho"),
     Case("batch-size-zero", _ev("--batch-size", "0"), 2, "batch_size (--batch-size) must be >= 1, got 0"),
     Case("oracle-without-gold", lambda c: ["solve", "--model", "m", "--reward", "oracle", "q"], 2, "needs --gold"),
+    Case("solve-empty-question", lambda c: ["solve", "--model", "m", "  "], 2, "the question is empty"),
     Case("limit-negative", _ev("--limit", "-1"), 2, "limit must be >= 0, got -1"),
     # data
     Case("dataset-missing", _ev(dataset="nope.jsonl"), 2, "nope.jsonl"),

@@ -141,6 +141,8 @@ def _fail(message: str) -> int:
 
 
 def _solve(args: argparse.Namespace) -> int:
+    if not args.question.strip():
+        return _fail("the question is empty: pass the question's text as the last argument")
     if args.reward == "oracle" and args.gold is None:
         return _fail("--reward oracle needs --gold")
     knobs = check_knobs("latentseek", _knobs(args, SOLVE_METHODS))
