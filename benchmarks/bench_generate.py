@@ -146,7 +146,7 @@ def to_markdown(payload: dict, rows: list[Row]) -> str:
     s = payload["setup"]
     table = []
     for r in rows:
-        b = r.tokens_per_s
+        b, best = r.tokens_per_s, r.batch * (r.new_tokens - 1) / min(r.decode_s)
         table.append(
             [
                 r.route.engine,
@@ -155,6 +155,7 @@ def to_markdown(payload: dict, rows: list[Row]) -> str:
                 r.batch,
                 f"{b.median:.1f}",
                 f"{b.p20:.1f}-{b.p80:.1f}",
+                f"{best:.1f}",
                 b.runs,
             ]
         )
@@ -167,11 +168,16 @@ def to_markdown(payload: dict, rows: list[Row]) -> str:
         f"{s['new_tokens']} new tokens per row, no stop token.\n\n"
     )
     md += common.markdown_table(
-        ["engine", "weights", "threads", "batch", "decode tokens/s (median)", "p20-p80", "reps"], table
+        ["engine", "weights", "threads", "batch", "decode tokens/s (median)", "p20-p80", "best", "reps"], table
     )
     md += (
         "\ntokens/s = batch * (new tokens - 1) / (time from the first token's pick to the last's): the prompt's "
-        "forward is not counted. Routes ran interleaved, one measurement of each per repetition.\n"
+        "forward is not counted. Routes ran interleaved, one measurement of each per repetition. best: the "
+        "fastest repetition, the closest to what the route does on an idle machine.\n"
+    )
+    loads = ", ".join(f"{x:.1f}" for x in payload["load_average_1min"])
+    md += (
+        f"\nLoad average (1 min) at the start of each repetition, on {payload['stamp']['host_cores']} cores: {loads}.\n"
     )
     if payload["skipped"]:
         md += "\nNot measured: " + "; ".join(payload["skipped"]) + ".\n"
@@ -274,7 +280,9 @@ def main(argv: list[str] | None = None) -> None:
         "skipped": skipped,
     }
     times: dict[tuple[Route, int], list[float]] = {key: [] for key in decoders}
+    payload["load_average_1min"] = []  # other processes on the machine: the noise of this run
     for rep in range(args.reps):
+        payload["load_average_1min"].append(os.getloadavg()[0])
         for (route, batch), decode in decoders.items():
             times[(route, batch)].append(decode(prompts[:batch], args.new_tokens))
             tps = batch * (args.new_tokens - 1) / times[(route, batch)][-1]
