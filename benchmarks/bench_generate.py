@@ -294,8 +294,8 @@ def main(argv: list[str] | None = None) -> None:
         ]
         md = to_markdown(payload, rows)
         common.write_results(args.tag, payload, md, args.out_dir)  # every repetition: a partial run survives
+        plot(rows, payload["stamp"], args.out_dir / f"{args.tag}.png")
     torch.set_num_threads(all_threads)
-    plot(rows, payload["stamp"], args.out_dir / f"{args.tag}.png")
     print(md)
     print(f"wrote {args.tag}.json, .md and .png")
 
