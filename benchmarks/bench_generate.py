@@ -176,6 +176,9 @@ def to_markdown(payload: dict, rows: list[Row]) -> str:
         "fastest repetition, the closest to what the route does on an idle machine.\n"
     )
     loads = ", ".join(f"{x:.1f}" for x in payload["load_average_1min"])
+    done = len(payload["load_average_1min"])
+    if done < s["reps_asked"]:
+        md += f"\n**Partial run: {done} of {s['reps_asked']} repetitions were measured.**\n"
     md += (
         f"\nLoad average (1 min) at the start of each repetition, on {payload['stamp']['host_cores']} cores: {loads}.\n"
     )
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
             "prompt_tokens": [len(p) for p in prompts],
             "new_tokens": args.new_tokens,
+            "reps_asked": args.reps,
             "versions": {name: _version(name) for name in ("transformers", "torchao", "llama_cpp_python")},
         },
         "skipped": skipped,
