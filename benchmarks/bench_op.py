@@ -19,7 +19,8 @@ with the wall clock.
 The physical floor of a case, measured in the same run: max(4NHV / the machine's matmul peak, bytes the op must
 move (W read once, Z in, grad out) / the machine's copy bandwidth). The peak is a large square GEMM in the case's
 dtype (or in float32, where this device multiplies that faster: the op may widen its tiles); the bandwidth is
-(read + write) bytes of a large tensor copy over its time.
+(read + write) bytes of a large tensor copy over its time. Both are sampled once per round and the best sample
+counts, so a round slowed by other processes does not lower the floor.
 
 Peak extra memory of each provider is measured after a warm-up call: on CPU as the peak resident set over the
 call, in a fresh subprocess; on CUDA as torch.cuda.max_memory_allocated, in this process.
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
 import json
 import subprocess
@@ -319,33 +319,37 @@ def available_providers(device: str) -> list[str]:
 # --- the machine: matmul peak and copy bandwidth -------------------------------------------------------------------
 
 
-@functools.cache
-def matmul_peak(device: str, dtype: str) -> tuple[float, str]:
-    """flop/s of a large square GEMM in ``dtype``, or in float32 where that is faster, and the dtype that won."""
-    n = 8192 if device.startswith("cuda") else 2048
-    best = (0.0, dtype)
-    for name in dict.fromkeys([dtype, "fp32"]):
-        a = torch.randn(n, n, dtype=DTYPES[name], device=device)
-        b = torch.randn(n, n, dtype=DTYPES[name], device=device)
-        best = max(best, (2.0 * n**3 / _best_time(lambda a=a, b=b: a @ b, device, reps=5), name))
-        del a, b
-    return best
+class MachineProbe:
+    """The machine's matmul peak (a large square GEMM in the case's dtype, and in float32 where that is faster: the op
+    may widen its tiles) and copy bandwidth ((read + write) bytes of a copy far larger than the last-level cache),
+    sampled once per round beside the providers. The floor uses the best sample, so rounds slowed by other processes
+    do not lower it."""
 
+    def __init__(self, device: str, dtype: str) -> None:
+        n = 8192 if device.startswith("cuda") else 2048
+        self.device, self.gemms = device, {}
+        for name in dict.fromkeys([dtype, "fp32"]):
+            a = torch.randn(n, n, dtype=DTYPES[name], device=device)
+            b = torch.randn(n, n, dtype=DTYPES[name], device=device)
+            self.gemms[name] = (lambda a=a, b=b: a @ b, 2.0 * n**3)
+        numel = (1 << 28) if device.startswith("cuda") else (1 << 26)  # 1 GiB / 256 MiB of float32
+        src = torch.ones(numel, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src)
+        self.copy = (lambda: dst.copy_(src), 2.0 * numel * 4)
+        self.rate = dict.fromkeys(self.gemms, 0.0)
+        self.bandwidth = 0.0
 
-@functools.cache
-def copy_bandwidth(device: str) -> float:
-    """(read + write) bytes/s of a copy far larger than the last-level cache."""
-    numel = (1 << 28) if device.startswith("cuda") else (1 << 26)  # 1 GiB / 256 MiB of float32
-    src = torch.empty(numel, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    return 2 * numel * 4 / _best_time(lambda: dst.copy_(src), device, reps=5)
+    def sample(self) -> None:
+        for name, (fn, flops) in self.gemms.items():
+            self.rate[name] = max(self.rate[name], flops / common.time_once(fn, self.device))
+        fn, nbytes = self.copy
+        self.bandwidth = max(self.bandwidth, nbytes / common.time_once(fn, self.device))
 
-
-def floors_for(case: Case, device: str) -> Floors:
-    peak, peak_dtype = matmul_peak(device, case.dtype)
-    size = DTYPES[case.dtype].itemsize
-    nbytes = case.V * case.H * size + case.N * case.H * size + case.N * case.H * 4 + case.N * 16
-    return Floors(peak, peak_dtype, copy_bandwidth(device), case.flops, nbytes)
+    def floors(self, case: Case) -> Floors:
+        peak_dtype = max(self.rate, key=self.rate.get)
+        size = DTYPES[case.dtype].itemsize
+        nbytes = case.V * case.H * size + case.N * case.H * size + case.N * case.H * 4 + case.N * 16
+        return Floors(self.rate[peak_dtype], peak_dtype, self.bandwidth, case.flops, nbytes)
 
 
 # --- memory: CPU in a fresh subprocess, CUDA in-process ---------------------------------------------------------------
@@ -419,7 +423,8 @@ def _undecided(targets: list[Target], run: CaseRun) -> bool:
 
 def run_case(case: Case, providers: list[str], device: str, opts: RunOptions) -> CaseRun:
     inputs = make_inputs(case, device)
-    floors = floors_for(case, device)
+    probe = MachineProbe(device, case.dtype)
+    probe.sample()  # warm-up
     fns, errors = {}, {}
     for name in providers:
         try:
@@ -437,15 +442,17 @@ def run_case(case: Case, providers: list[str], device: str, opts: RunOptions) ->
     while fns:
         for name, fn in fns.items():  # interleaved: one run of each provider per round
             times[name].append(common.time_once(fn, device))
+        probe.sample()
         runs = len(next(iter(times.values())))
         if runs >= opts.max_runs:
             break
         if runs < opts.min_runs or time.perf_counter() - start < opts.min_time:
             continue
-        partial = CaseRun(case, floors, tuple(Result(case, n, tuple(t)) for n, t in times.items()))
+        partial = CaseRun(case, probe.floors(case), tuple(Result(case, n, tuple(t)) for n, t in times.items()))
         if not _undecided(targets, partial):
             break
-    del fns
+    floors = probe.floors(case)
+    del fns, probe
     gc.collect()
     results = []
     for name in providers:
@@ -590,7 +597,7 @@ def to_markdown(tag: str, stamp: dict, command: str, runs: list[CaseRun]) -> str
         floor_rows(runs),
     )
     md += (
-        "\nThe matmul peak is a large square GEMM and the bandwidth a large copy, both measured in this run; "
+        "\nThe matmul peak is a large square GEMM and the bandwidth a large copy, the best of one sample per round; "
         "the physical floor is the larger of the two times.\n"
     )
     lines = target_lines(runs, stamp["device_kind"])
