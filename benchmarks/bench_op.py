@@ -644,7 +644,7 @@ def plot(runs: list[CaseRun], stamp: dict, path: Path) -> None:
         ax.set_xticklabels([f"{run.case.model}\nN={run.case.N}" for run in dt_runs], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("seconds (median, p20-p80)")
-        ax.set_title(f"{dt} on {stamp['device'][:70]}", fontsize=9)
+        ax.set_title(f"{dt}\n{stamp['device']}", fontsize=8)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
