@@ -89,7 +89,7 @@ setup(
     description="LatentSeek test-time latent policy gradient with a fused LM-head kernel",
     packages=["latentseek_ext", "latentseek", "latentseek.eval"],
     package_dir={"latentseek_ext": "latentseek_ext", "latentseek": "python/latentseek"},
-    package_data={"latentseek.eval": ["assets/*.jsonl"]},
+    package_data={"latentseek.eval": ["assets/*.jsonl", "assets/README.md", "assets/LICENSE.*"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExt},
     python_requires=">=3.10",

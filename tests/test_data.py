@@ -186,8 +186,8 @@ def test_other_hub_ids_take_split_and_fields(monkeypatch):
 def test_demo_problems_are_shipped_numeric_and_unique():
     assert DEMO_PROBLEMS_PATH.parent.parent == Path(data.__file__).resolve().parent
     problems = load_problems("demo")
-    assert len(problems) == 8
-    assert len({p.id for p in problems}) == 8
+    assert len(problems) == 16
+    assert len({p.id for p in problems}) == 16
     assert all(p.answer_kind == "number" and p.gold.isdigit() for p in problems)
 
 
