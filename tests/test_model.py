@@ -15,7 +15,7 @@ from transformers import (
     Qwen2Model,
 )
 
-from latentseek.model import ModelAdapter, default_dtype
+from latentseek.model import ModelAdapter, cpu_has_bf16_units, default_dtype
 from tiny_lm import tiny_model, tiny_tokenizer
 
 V = len(tiny_tokenizer())
@@ -89,6 +89,17 @@ def test_softcapping_set_to_none_is_fine():
     ModelAdapter(model)
 
 
-def test_default_dtype_is_bfloat16_on_cuda_and_float32_elsewhere():
+def test_default_dtype_is_bfloat16_on_cuda_and_on_cpus_with_bf16_units(monkeypatch):
     assert default_dtype("cuda") is torch.bfloat16 and default_dtype(torch.device("cuda", 1)) is torch.bfloat16
-    assert default_dtype("cpu") is torch.float32 and default_dtype(torch.device("cpu")) is torch.float32
+    for amx, avx512_bf16, want in [
+        (False, False, torch.float32),
+        (True, False, torch.bfloat16),
+        (False, True, torch.bfloat16),
+        (True, True, torch.bfloat16),
+    ]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=avx512_bf16: b)
+        assert cpu_has_bf16_units() is (amx or avx512_bf16)
+        assert default_dtype("cpu") is want and default_dtype(torch.device("cpu")) is want
+
+

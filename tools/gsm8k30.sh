@@ -22,6 +22,8 @@ ORACLE_MAX_STEPS="${ORACLE_MAX_STEPS:-4}"
 SELF_MAX_STEPS="${SELF_MAX_STEPS:-2}"
 VERIFIER_TOKENS="${VERIFIER_TOKENS:-128}"
 BATCH_SIZE="${BATCH_SIZE:-8}"
+# The committed runs are fp32 (explicit: --dtype auto picks bf16 on CPUs with bf16 units).
+DTYPE="${DTYPE:-fp32}"
 NPROC="${NPROC:-1}"
 
 if [ "$NPROC" -gt 1 ]; then
@@ -30,7 +32,7 @@ else
     LATENTSEEK=("$PY" -m latentseek)
 fi
 common=(--model "$MODEL" --dataset "$DATA" --limit "$LIMIT" --batch-size "$BATCH_SIZE"
-    --max-new-tokens "$MAX_NEW_TOKENS")
+    --max-new-tokens "$MAX_NEW_TOKENS" --dtype "$DTYPE")
 for stage in $STAGES; do
     case "$stage" in
         cot) "${LATENTSEEK[@]}" eval "${common[@]}" --method cot --out "$OUT/gsm8k30-cot" ;;
