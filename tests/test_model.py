@@ -101,5 +101,3 @@ def test_default_dtype_is_bfloat16_on_cuda_and_on_cpus_with_bf16_units(monkeypat
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=avx512_bf16: b)
         assert cpu_has_bf16_units() is (amx or avx512_bf16)
         assert default_dtype("cpu") is want and default_dtype(torch.device("cpu")) is want
-
-

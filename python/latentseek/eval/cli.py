@@ -34,7 +34,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, help="a model directory, a .gguf file, or a hub id")
     g.add_argument("--gguf-file", default=None, help="the GGUF file inside the --model directory")
     g.add_argument(
-        "--dtype", choices=("auto", *DTYPES), default="auto", help="weights dtype (auto: bf16 on CUDA and on CPUs with bf16 units, AMX or AVX512-BF16; else fp32)"
+        "--dtype",
+        choices=("auto", *DTYPES),
+        default="auto",
+        help="weights dtype (auto: bf16 on CUDA and on CPUs with bf16 units, AMX or AVX512-BF16; else fp32)",
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun cuda means cuda:LOCAL_RANK)")
 
