@@ -18,6 +18,7 @@ from . import reference
 from .ops import (
     EXTENSION_DEVICES,
     EXTENSION_ERROR,
+    EXTENSION_OPTIONS_DEVICES,
     IMPLS,
     Impl,
     extension_available,
@@ -48,6 +49,7 @@ _require_extension()
 __all__ = [
     "EXTENSION_DEVICES",
     "EXTENSION_ERROR",
+    "EXTENSION_OPTIONS_DEVICES",
     "IMPLS",
     "Impl",
     "acc_dtype",

@@ -15,10 +15,12 @@
 #include <cstdint>
 #include <limits>
 
+#ifndef LS_HOST_DEVICE  // also defined by latentseek/sampling.h
 #if defined(__CUDACC__)
 #define LS_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define LS_HOST_DEVICE inline
+#endif
 #endif
 
 namespace latentseek {
@@ -65,6 +67,31 @@ LS_HOST_DEVICE void merge_states(RowState<acc_t>& a, const RowState<acc_t>& b, a
   }
   if (a.nan_idx < 0) a.nan_idx = b.nan_idx;
   if (!(a.lx == a.lx)) a.lx = b.lx;
+}
+
+// Entropy of the row's softmax, online (the option entropy=True): beside s, s2 = sum_{v in S} exp(l_v - m) (l_v - m).
+// When the max moves from m to m' both are scaled by f = exp(m - m'), and s2 first gains (m - m') s:
+//   s2' = f (s2 + (m - m') s).  At the end entropy = log s - s2 / s.
+// rescale_s2 is that update (0 while nothing has been accumulated, so that -inf maxima never meet a 0 sum).
+template <typename acc_t>
+LS_HOST_DEVICE acc_t rescale_s2(acc_t s2, acc_t s, acc_t from_max, acc_t to_max, acc_t factor) {
+  if (from_max == to_max) return s2;
+  if (s == acc_t(0)) return acc_t(0);
+  return factor * (s2 + (from_max - to_max) * s);
+}
+
+// Merges (m_b, s_b, s2_b) into (m_a, s_a, s2_a)'s second sum, given the merged max and the factors of merge_states
+// (call before merge_states overwrites a.s and a.m): s2 = rescale(s2_a) + rescale(s2_b).
+template <typename acc_t>
+LS_HOST_DEVICE acc_t merge_s2(acc_t s2_a, acc_t s_a, acc_t m_a, acc_t s2_b, acc_t s_b, acc_t m_b) {
+  const acc_t m = m_a > m_b ? m_a : m_b;
+  return rescale_s2(s2_a, s_a, m_a, m, rescale_factor(m_a, m)) + rescale_s2(s2_b, s_b, m_b, m, rescale_factor(m_b, m));
+}
+
+// -sum p log p = log s - s2 / s (NaN for a row whose s is 0 or NaN).
+template <typename acc_t>
+LS_HOST_DEVICE acc_t final_entropy(acc_t s, acc_t s2) {
+  return static_cast<acc_t>(std::log(s)) - s2 / s;
 }
 
 // The chosen token of a finished row: the first NaN if any (as torch.argmax), else the argmax.
