@@ -112,6 +112,7 @@ def extend(
     return_hidden: bool = False,
     keep_prefix: Sequence[int] | None = None,
     decode: Decode | None = None,
+    offset: torch.Tensor | None = None,
 ) -> Generation:
     """Feed each row's new tokens after its cached prefix (if any), then decode until a stop token or the cap.
 
@@ -129,6 +130,10 @@ def extend(
             :mod:`latentseek.static_decode`, captured in CUDA graphs on CUDA); None:
             :func:`~latentseek.static_decode.default_decode` of the adapter's device. The prefill is eager either way,
             and only the last position of each row gets logits.
+        offset: None, or ``[len(rows), H]``: row i's vector is added to every hidden state whose logits row i
+            reads (its prefill's last position and each decode step), so ``logits = lm_head(h + offset_i)`` and
+            ``hidden`` holds ``h + offset_i``; cast to the model's dtype. SLOT's per-problem delta
+            (:mod:`latentseek.slot`). None adds nothing (the paths above, unchanged).
 
     Returns:
         a :class:`Generation`.
@@ -141,6 +146,12 @@ def extend(
     decode = default_decode(device) if decode is None else check_decode(decode)
     if decode == "graph":
         check_graph_support(adapter)
+    if offset is not None:
+        if tuple(offset.shape) != (n, adapter.hidden_size):
+            raise ValueError(
+                f"offset must have shape [{n}, {adapter.hidden_size}] (one vector per row), got {list(offset.shape)}"
+            )
+        offset = offset.to(device=device, dtype=adapter.dtype)
     picker = picker or greedy_picker()
     stop = set(int(s) for s in stop_ids)
     cached = [0 if prefix is None else prefix.length for prefix, _ in rows]
@@ -168,9 +179,11 @@ def extend(
     prefixes: list[PrefixCache | None] = [None] * n
     active = list(range(n))  # call row index of each running row
     h = adapter.hidden(input_ids, mask, positions, cache)[:, -1]  # the prefill; logits of the last position only
+    if offset is not None:
+        h = h + offset
     logits = adapter.logits(h)
     next_position = positions[:, -1] + 1
-    static = StaticDecoder(adapter, cache, mask) if decode == "graph" else None
+    static = StaticDecoder(adapter, cache, mask, offset) if decode == "graph" else None
     slots = list(range(n))  # graph path: the static buffers' row of each running row
     slot_index = torch.arange(n, device=device)
     report = decode_reporter()  # None unless a progress.reporting block listens
@@ -211,6 +224,8 @@ def extend(
             if static is None:
                 cache.batch_select_indices(index)
                 mask = mask[index]
+                if offset is not None:
+                    offset = offset[index]
             else:
                 slots = [slots[j] for j in keep]
                 if bucket(len(slots)) < static.b:
@@ -220,6 +235,8 @@ def extend(
         if static is None:
             mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             h = adapter.hidden(chosen[:, None], mask, next_position[:, None], cache)[:, -1]
+            if offset is not None:
+                h = h + offset
             logits = adapter.logits(h)
         else:
             static.feed(slot_index, chosen, next_position)

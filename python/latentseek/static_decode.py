@@ -134,13 +134,17 @@ class _ColumnLayer(CacheLayerMixin):
 class StaticDecoder:
     """The static tensors of one call's decode steps, and the step of each batch-size bucket.
 
-    Built after the prefill, from the call's cache (whose buffers have R rows) and its ``[n, columns]`` mask.
+    Built after the prefill, from the call's cache (whose buffers have R rows), its ``[n, columns]`` mask, and the
+    rows' ``[n, H]`` offsets when the call has them (added to each hidden state before the LM head, see
+    :func:`~latentseek.generation.extend`; a static buffer that moves with its rows).
     Use: :meth:`feed` the running rows' tokens and positions, :meth:`step`, read the returned ``[b, H]`` hidden
     states and ``[b, V]`` logits (static buffers on CUDA: overwritten by the next step), :meth:`compact` when rows
     stop.
     """
 
-    def __init__(self, adapter: ModelAdapter, cache: Cache, mask: torch.Tensor) -> None:
+    def __init__(
+        self, adapter: ModelAdapter, cache: Cache, mask: torch.Tensor, offset: torch.Tensor | None = None
+    ) -> None:
         check_graph_support(adapter)
         self.adapter = adapter
         self.kv = [(layer.storage_keys, layer.storage_values) for layer in cache.layers]
@@ -153,6 +157,10 @@ class StaticDecoder:
         self.input_ids = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.column = torch.full((1,), self.filled, dtype=torch.long, device=device)
+        self.offset = None
+        if offset is not None:
+            self.offset = torch.zeros(rows, offset.shape[1], dtype=offset.dtype, device=device)
+            self.offset[:n] = offset
         self.b = bucket(n)
         text = adapter.model.config
         text = text.get_text_config(decoder=True) if hasattr(text, "get_text_config") else text
@@ -199,8 +207,9 @@ class StaticDecoder:
         for keys, values in self.kv:
             keys[:k, :, : self.filled] = keys[index, :, : self.filled]
             values[:k, :, : self.filled] = values[index, :, : self.filled]
-        for t in (self.mask, self.input_ids, self.positions):
-            t[:k] = t[index]
+        for t in (self.mask, self.input_ids, self.positions, self.offset):
+            if t is not None:
+                t[:k] = t[index]
         self.b = bucket(k)
 
     def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,6 +218,8 @@ class StaticDecoder:
         if self.additive_mask:
             mask = torch.where(mask, 0.0, torch.finfo(self.adapter.dtype).min).to(self.adapter.dtype)
         h = self.adapter.hidden(self.input_ids[:b], mask, self.positions[:b], cache)[:, -1]
+        if self.offset is not None:
+            h = h + self.offset[:b]
         return h, self.adapter.logits(h)
 
     def _replay(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:

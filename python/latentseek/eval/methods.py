@@ -7,6 +7,8 @@
   equivalent count together; ties go to the answer seen first).
 - ``latentseek``: the LatentSeek loop (:class:`~latentseek.loop.LatentSeek`) with the self-verification reward
   (``self``) or the gold-answer reward (``oracle``).
+- ``slot``: SLOT (:class:`~latentseek.slot.Slot`): a vector per problem added to the final hidden states, fitted
+  for a few AdamW steps to the prompt's own next-token loss, then kept while the greedy answer is generated.
 
 The table. :data:`METHOD_TABLE` maps each method's name to its class, and each class's ``settings_type`` (a frozen
 dataclass) declares its knobs: their names, types, defaults and checks; a nested dataclass field
@@ -47,10 +49,19 @@ from ..loop import AnswerCallback, LatentSeek, Result
 from ..model import ModelAdapter
 from ..progress import enter_phase
 from ..rewards import BOXED_FORMAT, BatchReward, OracleReward, RewardLike, SelfReward, as_reward, evaluate
+from ..slot import Slot, SlotConfig
 from .data import Problem
 from .judge import answers_match, extract_answer, is_equivalent
 from .prompts import PromptStyle, solver_messages
-from .record import BestOfNRecord, LatentSeekRecord, Record, SelfConsistencyRecord, check_types, type_hints
+from .record import (
+    BestOfNRecord,
+    LatentSeekRecord,
+    Record,
+    SelfConsistencyRecord,
+    SlotRecord,
+    check_types,
+    type_hints,
+)
 
 #: The rewards a method can be given by name; a reward object given instead is recorded as ``custom``.
 RewardName = Literal["self", "oracle"]
@@ -143,6 +154,13 @@ class LatentSeekSettings(PromptSettings, RewardSettings):
     """The prompt, the reward, and the loop's :class:`~latentseek.config.LatentSeekConfig` (its fields are knobs)."""
 
     config: LatentSeekConfig = field(default_factory=LatentSeekConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlotSettings(PromptSettings):
+    """The prompt and SLOT's :class:`~latentseek.slot.SlotConfig` (its fields are knobs)."""
+
+    config: SlotConfig = field(default_factory=SlotConfig)
 
 
 def _is_nested(hint: Any) -> bool:
@@ -491,6 +509,36 @@ class LatentSeekMethod(MethodBase):
         return records
 
 
+class SlotMethod(MethodBase):
+    """SLOT (:class:`~latentseek.slot.Slot`) on the solver prompt, each problem with its own delta.
+
+    Records: :class:`~latentseek.eval.record.SlotRecord` (``iterations`` = the steps on delta, ``tokens`` = the
+    answer's; the prompt is read once, as for every method).
+    """
+
+    name = "slot"
+    settings_type = SlotSettings
+
+    def __init__(self, model: torch.nn.Module | ModelAdapter, tokenizer, **settings: Any) -> None:
+        super().__init__(model, tokenizer, **settings)
+        self.engine = Slot(self.adapter, tokenizer, self.settings.config)
+
+    def solve_batch(self, problems: Sequence[Problem]) -> list[SlotRecord]:
+        results = self.engine.solve_batch([self.messages(p) for p in problems])
+        return [
+            SlotRecord(
+                **_judged(r.answer, p.gold),
+                tokens=r.generated_tokens,
+                seconds=r.total_time,
+                iterations=len(r.losses),
+                prompt_losses=r.losses,
+                delta_norm=float(r.delta.norm()),
+                optimise_seconds=r.time["prompt"] + r.time["optimise"],
+            )
+            for p, r in zip(problems, results, strict=True)
+        ]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The table, the knob checks, the command line's view of the knobs, and the run config
 # ---------------------------------------------------------------------------------------------------------------
@@ -501,6 +549,7 @@ METHOD_TABLE: dict[str, type[MethodBase]] = {
     "bon": BestOfN,
     "self-consistency": SelfConsistency,
     "latentseek": LatentSeekMethod,
+    "slot": SlotMethod,
 }
 METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
 
@@ -515,7 +564,8 @@ KNOB_HELP: dict[str, str] = {
     "top_p": "sampling nucleus mass",
     "seed": "sampling seed",
     "rho": "fraction of the answer's latents optimised",
-    "lr": "Adam learning rate on the latents",
+    "lr": "Adam learning rate on the latents (latentseek) / on delta (slot)",
+    "steps": "AdamW steps on each problem's delta over its prompt",
     "max_steps": "most optimiser steps",
     "reward_threshold": "stop once the reward is above this",
     "start_index": "first answer token whose latent is optimised",
@@ -560,7 +610,8 @@ def make_method(name: str, model: torch.nn.Module | ModelAdapter, tokenizer, **k
     Knobs: ``prompt`` for all; ``max_new_tokens`` for all (LatentSeek's is a :class:`LatentSeekConfig` field);
     ``n_candidates``, ``temperature``, ``top_p``, ``seed`` for ``bon`` and ``self-consistency``; ``reward``
     (``self`` / ``oracle``, or a reward object) and ``verifier_max_new_tokens`` for ``bon`` and ``latentseek``; the
-    :class:`~latentseek.config.LatentSeekConfig` fields for ``latentseek``. See :func:`settings_of` for the checks.
+    :class:`~latentseek.config.LatentSeekConfig` fields for ``latentseek``; the :class:`~latentseek.slot.SlotConfig`
+    fields for ``slot``. See :func:`settings_of` for the checks.
     """
     settings = settings_of(name, knobs)
     fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}

@@ -1,9 +1,10 @@
 """The evaluation contract's record: what a method returns for one problem, and what a line of results.jsonl holds.
 
 A method's ``solve_batch`` returns one :class:`Record` per problem: :class:`BestOfNRecord`,
-:class:`SelfConsistencyRecord` and :class:`LatentSeekRecord` add the fields of their methods, and any method may add
-free-form ``extras``. The runner writes each as one JSON line after the problem's ``id`` and ``gold`` answer
-(:class:`StoredRecord`); the fields come in declaration order, then the extras, all at the top level of the line.
+:class:`SelfConsistencyRecord`, :class:`LatentSeekRecord` and :class:`SlotRecord` add the fields of their methods,
+and any method may add free-form ``extras``. The runner writes each as one JSON line after the problem's ``id``
+and ``gold`` answer (:class:`StoredRecord`); the fields come in declaration order, then the extras, all at the top
+level of the line.
 
 The field annotations are the schema: a record is checked against them when it is built (a method with a bug fails
 before anything is written), and a line is checked again when it is read back. Reading picks the record class whose
@@ -225,6 +226,15 @@ class LatentSeekRecord(Record):
         if not self.step_predictions:
             del data["step_predictions"]
         return data
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlotRecord(Record):
+    """SLOT: ``iterations`` are its optimiser steps on delta; ``rewards`` stays empty (SLOT uses no reward)."""
+
+    prompt_losses: list[float]  # the prompt's mean next-token loss at the delta each step started from (delta 0 first)
+    delta_norm: float  # the L2 norm of the problem's fitted delta
+    optimise_seconds: float  # the part of `seconds` spent reading the prompt and fitting delta (the rest: generating)
 
 
 @dataclass(frozen=True)
