@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The committed GSM8K run: the first 30 test problems, CoT vs LatentSeek with the oracle reward and with the
-# self-reward, and the sampling baselines best-of-3 (self-reward) and self-consistency (5 samples), on
+# self-reward, the sampling baselines best-of-3 (self-reward) and self-consistency (5 samples), and SLOT, on
 # Qwen2.5-Coder-0.5B-Instruct (Q4 GGUF, dequantised to fp32) on the CPU, all through the CLI.
 #
 #   MODEL=/path/qwen2.5-coder-0.5b-instruct-q4.gguf DATA=../shared/data/gsm8k_test.jsonl bash tools/gsm8k30.sh
@@ -16,7 +16,7 @@ MODEL="${MODEL:?MODEL=path to the GGUF file}"
 DATA="${DATA:-$ROOT/../shared/data/gsm8k_test.jsonl}"
 OUT="${OUT:-$ROOT/runs}"
 LIMIT="${LIMIT:-30}"
-STAGES="${STAGES:-cot oracle self bon sc report}"
+STAGES="${STAGES:-cot oracle self bon sc slot report}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-512}"
 ORACLE_MAX_STEPS="${ORACLE_MAX_STEPS:-4}"
 SELF_MAX_STEPS="${SELF_MAX_STEPS:-2}"
@@ -48,9 +48,11 @@ for stage in $STAGES; do
         bon) "${LATENTSEEK[@]}" eval "${common[@]}" --method bon --reward self \
             --verifier-max-new-tokens "$VERIFIER_TOKENS" --out "$OUT/gsm8k30-bon-self" ;;
         sc) "${LATENTSEEK[@]}" eval "${common[@]}" --method self-consistency --out "$OUT/gsm8k30-self-consistency" ;;
+        # SLOT with its defaults, the authors' 5 AdamW steps at lr 0.1 on each prompt's own delta.
+        slot) "${LATENTSEEK[@]}" eval "${common[@]}" --method slot --out "$OUT/gsm8k30-slot" ;;
         report) "$PY" -m latentseek report "$OUT"/gsm8k30-cot "$OUT"/gsm8k30-latentseek-oracle \
             "$OUT"/gsm8k30-latentseek-self "$OUT"/gsm8k30-bon-self "$OUT"/gsm8k30-self-consistency \
-            --out "$OUT/gsm8k30-report" ;;
+            "$OUT"/gsm8k30-slot --out "$OUT/gsm8k30-report" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done
