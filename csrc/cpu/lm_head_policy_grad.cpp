@@ -40,6 +40,7 @@
 #include "latentseek/cpu_paths.h"
 #include "latentseek/entry.h"
 #include "latentseek/online_softmax.h"
+#include "latentseek/sampling.h"
 
 namespace latentseek {
 namespace {
@@ -275,6 +276,343 @@ void widen(const scalar_t* in, float* out, int64_t n) {
   widen_impl(in, out, n);
 }
 
+// --- The options (temperature, entropy, top-k, sampling; latentseek/checks.h LmHeadOptions) -----------------------
+//
+// They live in the same per-row update of each logits tile (update_rows_options, used only by calls with options, so
+// the plain path is unchanged): scale the tile by 1 / T after the bias; merge the tile into the row's top-k list;
+// draw the Gumbel noise of the tile and keep the best perturbed score; and sum s2 = sum e^{l'-m} (l'-m) beside s in
+// the exp pass. One pass over W as without options.
+
+// The sampler's state of a row: the best perturbed score l'_v + g_v so far, its logit l'_v and index v.
+template <typename acc_t>
+struct SampleState {
+  acc_t score, logit;
+  int64_t idx;
+};
+
+// Per-row option state of a tile's rows (nullptr where the option is off).
+template <typename acc_t>
+struct TileOptions {
+  acc_t inv_t;                  // 1 / T
+  bool scale;                   // T != 1
+  acc_t* s2;                    // [rows]: entropy's second sum
+  SampleState<acc_t>* sample;   // [rows]
+  uint64_t seed;
+  const int64_t* offsets;       // [rows] or nullptr: row r0 + i uses offset r0 + i
+  int64_t r0;
+  acc_t* top_v;                 // [rows, k], descending; empty slots -inf with index INT64_MAX
+  int64_t* top_i;               // [rows, k]
+  int64_t k;
+};
+
+constexpr int64_t kNoIndex = std::numeric_limits<int64_t>::max();
+
+// x <- exp(x - m) in place; returns the sum s and adds sum exp(x - m) (x - m) to s2 (entries whose exp is 0,
+// including -inf logits, add nothing).
+LS_ALWAYS_INLINE float exp_shift_sum2(float* x, int64_t n, float m, float& s2) {
+  const vf8 mv = splat(m);
+  vf8 sv = splat(0.0f), s2v = splat(0.0f);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const vf8 d = loadu(x + j) - mv;
+    const vf8 e = exp_nonpositive(d);
+    storeu(x + j, e);
+    sv += e;
+    s2v += select(e > splat(0.0f), e * d, splat(0.0f));
+  }
+  float s = 0.0f, t = 0.0f;
+  for (int i = 0; i < 8; ++i) {
+    s += sv[i];
+    t += s2v[i];
+  }
+  for (; j < n; ++j) {  // the tail, in scalar (the vector exp's accuracy is not needed for a handful of entries)
+    const float d = x[j] - m;
+    const float e = std::exp(d);
+    x[j] = e;
+    s += e;
+    if (e > 0.0f) t += e * d;
+  }
+  s2 += t;
+  return s;
+}
+inline double exp_shift_sum2(double* x, int64_t n, double m, double& s2) {
+  double s = 0.0, t = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double d = x[j] - m;
+    const double e = std::exp(d);
+    x[j] = e;
+    s += e;
+    if (e > 0.0) t += e * d;
+  }
+  s2 += t;
+  return s;
+}
+
+// Inserts (x, v) into a row's top-k list (descending by value, ties by ascending index) if it belongs there.
+template <typename acc_t>
+LS_ALWAYS_INLINE void topk_insert(acc_t* vals, int64_t* idx, int64_t k, acc_t x, int64_t v) {
+  if (!(x > vals[k - 1] || (x == vals[k - 1] && v < idx[k - 1]))) return;  // NaN never enters
+  int64_t pos = k - 1;
+  while (pos > 0 && (vals[pos - 1] < x || (vals[pos - 1] == x && idx[pos - 1] > v))) {
+    vals[pos] = vals[pos - 1];
+    idx[pos] = idx[pos - 1];
+    --pos;
+  }
+  vals[pos] = x;
+  idx[pos] = v;
+}
+
+// Merges a tile's scaled logits l[0, tv) (indices v0..) into the row's top-k list: a vector pass finds the blocks
+// holding an entry >= the list's k-th value, and only those go through the insertion.
+LS_ALWAYS_INLINE void topk_tile(const float* l, int64_t tv, int64_t v0, float* vals, int64_t* idx, int64_t k) {
+  int64_t j = 0;
+  for (; j + 8 <= tv; j += 8) {
+    const vi8 hit = loadu(l + j) >= splat(vals[k - 1]);
+    bool any = false;
+    for (int i = 0; i < 8; ++i) any = any || hit[i] != 0;
+    if (!any) continue;
+    for (int i = 0; i < 8; ++i) topk_insert(vals, idx, k, l[j + i], v0 + j + i);
+  }
+  for (; j < tv; ++j) topk_insert(vals, idx, k, l[j], v0 + j);
+}
+inline void topk_tile(const double* l, int64_t tv, int64_t v0, double* vals, int64_t* idx, int64_t k) {
+  for (int64_t j = 0; j < tv; ++j) topk_insert(vals, idx, k, l[j], v0 + j);
+}
+
+// The sampler, scalar: every entry's noise from latentseek/sampling.h, one Philox call per four entries.
+template <typename acc_t>
+void sample_tile_scalar(const acc_t* l, int64_t tv, int64_t v0, uint64_t seed, uint64_t offset,
+                        SampleState<acc_t>& ss) {
+  uint32_t lanes[4];
+  int64_t group = -1;
+  for (int64_t j = 0; j < tv; ++j) {
+    const int64_t v = v0 + j;
+    if (!(l[j] + acc_t(kGumbelBound) >= ss.score)) continue;  // cannot win (NaN: ignored, as in the max)
+    if ((v >> 2) != group) {
+      group = v >> 2;
+      philox_group(seed, offset, static_cast<uint64_t>(group), lanes);
+    }
+    const acc_t score = l[j] + static_cast<acc_t>(gumbel_from_uniform(uniform_from_bits(lanes[v & 3])));
+    if (score > ss.score) {
+      ss.score = score;
+      ss.logit = l[j];
+      ss.idx = v;
+    }
+  }
+}
+
+// Sixteen lanes of 32-bit integers / floats and eight of 64-bit integers (AVX-512 registers under LS_TARGET_AVX512,
+// pairs of AVX registers under AVX2).
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint64_t vu8x64 __attribute__((vector_size(64)));
+typedef float vf16 __attribute__((vector_size(64)));
+
+LS_ALWAYS_INLINE vu16 splatu16(uint32_t x) { return vu16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+LS_ALWAYS_INLINE vf16 splatf16(float x) { return vf16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+LS_ALWAYS_INLINE vf16 select16(vi16 mask, vf16 a, vf16 b) {
+  return reinterpret_cast<vf16>((reinterpret_cast<vi16>(a) & mask) | (reinterpret_cast<vi16>(b) & ~mask));
+}
+
+// (hi, lo) of the 32 x 32-bit products a * m, lane by lane: the even and the odd lanes as 64-bit products.
+LS_ALWAYS_INLINE void mulhilo16(vu16 a, uint32_t m, vu16& hi, vu16& lo) {
+  const vu8x64 a64 = reinterpret_cast<vu8x64>(a);
+  const vu8x64 mask = vu8x64{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu,
+                             0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu};
+  const vu8x64 even = (a64 & mask) * m, odd = (a64 >> 32) * m;
+  lo = reinterpret_cast<vu16>((even & mask) | (odd << 32));
+  hi = reinterpret_cast<vu16>((even >> 32) | (odd & ~mask));
+}
+
+// Philox4x32-10 of 16 counters (c0 lane by lane, c1..c3 shared) under key (k0, k1), in place.
+LS_ALWAYS_INLINE void philox16(vu16& c0, vu16& c1, vu16& c2, vu16& c3, uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    if (r) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    vu16 hi0, lo0, hi1, lo1;
+    mulhilo16(c0, kPhiloxM0, hi0, lo0);
+    mulhilo16(c2, kPhiloxM1, hi1, lo1);
+    const vu16 n0 = hi1 ^ c1 ^ splatu16(k0), n2 = hi0 ^ c3 ^ splatu16(k1);
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+}
+
+// log(x) for positive normal x (Cephes logf, ~1 ulp; x - 1 is exact near 1, so -log(u) keeps its relative accuracy
+// there, as log1p would).
+LS_ALWAYS_INLINE vf16 log16(vf16 x) {
+  const vi16 bits = reinterpret_cast<vi16>(x);
+  vf16 e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, vf16);
+  vf16 m = reinterpret_cast<vf16>((bits & 0x807fffff) | 0x3f000000);  // in [0.5, 1)
+  const vi16 small = m < splatf16(0.707106781186547524f);
+  e = select16(small, e - splatf16(1.0f), e);
+  m = select16(small, m + m, m) - splatf16(1.0f);
+  const vf16 z = m * m;
+  vf16 y = splatf16(7.0376836292e-2f);
+  y = y * m + splatf16(-1.1514610310e-1f);
+  y = y * m + splatf16(1.1676998740e-1f);
+  y = y * m + splatf16(-1.2420140846e-1f);
+  y = y * m + splatf16(1.4249322787e-1f);
+  y = y * m + splatf16(-1.6668057665e-1f);
+  y = y * m + splatf16(2.0000714765e-1f);
+  y = y * m + splatf16(-2.4999993993e-1f);
+  y = y * m + splatf16(3.3333331174e-1f);
+  y = y * m * z;
+  y = y + e * splatf16(-2.12194440e-4f);
+  y = y - z * splatf16(0.5f);
+  return (m + y) + e * splatf16(0.693359375f);
+}
+
+// The sampler, vectorised: 16 Philox counters (64 entries) at a time. Most entries cannot win, and that is known
+// from their bits alone: with d = (best score so far) - l'_v - margin and n = floor(d log2 e) clamped to [0, 24],
+// 1 - u >= 2^-n >= e^-d implies u <= 1 - e^-d <= exp(-e^-d), i.e. g <= d: the entry's score stays below the best.
+// The two logarithms run only for the blocks of 16 where some entry passes that test. The margin (1e-3 + 2^-20 of
+// the score) covers the rounding of d and of the kernel's g.
+LS_ALWAYS_INLINE void sample_tile_vec(const float* l, int64_t tv, int64_t v0, uint64_t seed, uint64_t offset,
+                                      SampleState<float>& ss) {
+  const int64_t g_begin = v0 >> 2, g_end = (v0 + tv + 3) >> 2;
+  const vu16 iota = vu16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const float ninf = -std::numeric_limits<float>::infinity();
+  alignas(64) uint32_t lanes[4][16];
+  alignas(64) uint32_t bits[64];
+  alignas(64) float lv[64];
+  for (int64_t g0 = g_begin; g0 < g_end; g0 += 16) {
+    vu16 c0 = splatu16(static_cast<uint32_t>(g0)) + iota;
+    vu16 c1 = splatu16(static_cast<uint32_t>(offset)), c2 = splatu16(static_cast<uint32_t>(offset >> 32));
+    vu16 c3 = splatu16(0);
+    philox16(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+    std::memcpy(lanes[0], &c0, 64);
+    std::memcpy(lanes[1], &c1, 64);
+    std::memcpy(lanes[2], &c2, 64);
+    std::memcpy(lanes[3], &c3, 64);
+    for (int j = 0; j < 16; ++j)
+      for (int L = 0; L < 4; ++L) bits[4 * j + L] = lanes[L][j];
+    // The logits of entries 4 g0 .. 4 g0 + 63, -inf outside the tile.
+    const int64_t first = 4 * g0 - v0;
+    const float* src = l + first;
+    if (first < 0 || first + 64 > tv) {
+      for (int64_t i = 0; i < 64; ++i) lv[i] = first + i >= 0 && first + i < tv ? l[first + i] : ninf;
+      src = lv;
+    }
+    for (int b = 0; b < 64; b += 16) {
+      vf16 x;
+      std::memcpy(&x, src + b, 64);
+      vu16 k;
+      std::memcpy(&k, bits + b, 64);
+      const vi16 odd = reinterpret_cast<vi16>(((k >> (32 - kUniformBits)) << 1) | 1u);
+      const vf16 u = __builtin_convertvector(odd, vf16) * splatf16(5.9604644775390625e-8f);
+      const vf16 q = splatf16(1.0f) - u;  // exact: an odd multiple of 2^-24 below 1
+      const float best = ss.score;
+      const vf16 d = (splatf16(best) - x) - splatf16(1e-3f + std::fabs(best) * 9.5367431640625e-7f);
+      // n = clamp(floor(d log2 e), 0, 24); NaN d (a NaN logit) counts as a possible winner.
+      const vf16 t = d * splatf16(1.44269504088896341f);
+      const vf16 tc = select16(t > splatf16(24.0f), splatf16(24.0f), select16(t > splatf16(0.0f), t, splatf16(0.0f)));
+      const vi16 n = __builtin_convertvector(tc, vi16);  // truncation = floor for tc >= 0
+      const vf16 pow2 = reinterpret_cast<vf16>((127 - n) << 23);
+      const vi16 cannot_win = (q >= pow2) & (d == d);
+      bool all_out = true;
+      for (int i = 0; i < 16; ++i) all_out = all_out && cannot_win[i] != 0;
+      if (all_out) continue;
+      const vf16 g = -log16(-log16(u));
+      const vf16 score = x + g;
+      for (int i = 0; i < 16; ++i) {  // in index order: strict > keeps the lowest index of a tie
+        if (score[i] > ss.score) {
+          ss.score = score[i];
+          ss.logit = x[i];
+          ss.idx = v0 + first + b + i;
+        }
+      }
+    }
+  }
+}
+
+// The per-row update of one tile with options: update_rows_impl plus the options, in the order that keeps each
+// step's input: scale, (max, argmax, NaN, given token), top-k and sampling on l', then the exp pass with s2.
+template <typename acc_t>
+LS_ALWAYS_INLINE void update_rows_options_impl(const TileRows<acc_t>& t, const TileOptions<acc_t>& o) {
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t i = 0; i < t.rows; ++i) {
+    acc_t* l = t.logits + i * t.tv;
+    RowState<acc_t>& st = t.state[i];
+    if (t.bias) add_bias(l, t.bias, t.tv);
+    if (o.scale) scale_inplace(l, o.inv_t, t.tv);
+    bool has_nan = false;
+    const acc_t tmax = max_ignore_nan(l, t.tv, has_nan);
+    if (tmax > st.best) {
+      st.best = tmax;
+      st.idx = t.v0 + first_index_of(l, t.tv, tmax);
+    }
+    if (has_nan && st.nan_idx < 0) st.nan_idx = t.v0 + first_nan(l, t.tv);
+    if (t.tokens) {
+      const int64_t j = t.tokens[i] - t.v0;
+      if (j >= 0 && j < t.tv) st.lx = l[j];
+    }
+    if (o.k) topk_tile(l, t.tv, t.v0, o.top_v + i * o.k, o.top_i + i * o.k, o.k);
+    if (o.sample && tmax + acc_t(kGumbelBound) >= o.sample[i].score) {
+      const int64_t row = o.r0 + i;
+      const uint64_t offset = static_cast<uint64_t>(o.offsets ? o.offsets[i] : row);
+      if constexpr (std::is_same<acc_t, float>::value) {
+        sample_tile_vec(l, t.tv, t.v0, o.seed, offset, o.sample[i]);
+      } else {
+        sample_tile_scalar(l, t.tv, t.v0, o.seed, offset, o.sample[i]);
+      }
+    }
+    const acc_t m_new = tmax > st.m ? tmax : st.m;
+    const acc_t scale = rescale_factor(st.m, m_new);
+    const acc_t shift = m_new == ninf ? acc_t(0) : m_new;
+    if (o.s2) {
+      o.s2[i] = rescale_s2(o.s2[i], st.s, st.m, m_new, scale);
+      st.s = st.s * scale + exp_shift_sum2(l, t.tv, shift, o.s2[i]);
+    } else {
+      st.s = st.s * scale + exp_shift_sum(l, t.tv, shift);
+    }
+    st.m = m_new;
+    if (t.acc && scale != acc_t(1)) scale_inplace(t.acc + i * t.H, scale, t.H);
+  }
+}
+
+#if LS_X86_DISPATCH
+LS_TARGET_AVX512 void update_rows_options_avx512(const TileRows<float>& t, const TileOptions<float>& o) {
+  update_rows_options_impl(t, o);
+}
+LS_TARGET_AVX2 void update_rows_options_avx2(const TileRows<float>& t, const TileOptions<float>& o) {
+  update_rows_options_impl(t, o);
+}
+#endif
+
+void update_rows_options(const TileRows<float>& t, const TileOptions<float>& o) {
+#if LS_X86_DISPATCH
+  if (cpu_caps().avx512) return update_rows_options_avx512(t, o);
+  if (cpu_caps().avx2) return update_rows_options_avx2(t, o);
+#endif
+  update_rows_options_impl(t, o);
+}
+void update_rows_options(const TileRows<double>& t, const TileOptions<double>& o) { update_rows_options_impl(t, o); }
+
+// Merges row list b (a slice of higher indices) into a; both sorted, k entries each.
+template <typename acc_t>
+void merge_topk(acc_t* av, int64_t* ai, const acc_t* bv, const int64_t* bi, int64_t k) {
+  acc_t v[kMaxTopK];
+  int64_t x[kMaxTopK];
+  int64_t ia = 0, ib = 0;
+  for (int64_t j = 0; j < k; ++j) {
+    const bool take_a = av[ia] > bv[ib] || (av[ia] == bv[ib] && ai[ia] <= bi[ib]);
+    if (take_a) {
+      v[j] = av[ia];
+      x[j] = ai[ia++];
+    } else {
+      v[j] = bv[ib];
+      x[j] = bi[ib++];
+    }
+  }
+  std::copy(v, v + k, av);
+  std::copy(x, x + k, ai);
+}
+
 // --- The units path: bf16 / fp16 matrix units through oneDNN's brgemm (latentseek/cpu_paths.h) --------------------
 //
 // Per tile of tv rows of W (the contracted dimension of each product padded to even, as VNNI-2 pairs it):
@@ -470,8 +808,9 @@ Plan make_plan(int64_t N, int64_t V) {
 }
 
 template <typename scalar_t, typename acc_t>
-void run_cpu(const LmHeadProblem& p, bool with_grad, at::Tensor& tokens_out, at::Tensor& logp_out,
-             at::Tensor& grad_out) {
+void run_cpu(const LmHeadProblem& p, LmHeadOutputs& out) {
+  const bool with_grad = out.with_grad;
+  at::Tensor& grad_out = out.grad;
   const int64_t N = p.N, H = p.H, V = p.V;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   constexpr bool sixteen = std::is_same<scalar_t, at::BFloat16>::value || std::is_same<scalar_t, at::Half>::value;
@@ -502,6 +841,20 @@ void run_cpu(const LmHeadProblem& p, bool with_grad, at::Tensor& tokens_out, at:
   }
   const int64_t* tok = p.tokens.defined() ? p.tokens.data_ptr<int64_t>() : nullptr;
   const acc_t* bias_ptr = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+
+  // The options' per-row state, per vocabulary split like `states` (empty without options).
+  const LmHeadOptions& opt = p.opt;
+  const bool options = opt.any();
+  const int64_t K = opt.topk;
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  std::vector<acc_t> s2s(opt.entropy ? plan.splits * N : 0, acc_t(0));
+  std::vector<SampleState<acc_t>> samples(opt.sample ? plan.splits * N : 0);
+  for (int64_t s = 0; s < (opt.sample ? plan.splits : 0); ++s)
+    std::fill_n(samples.begin() + s * N, N, SampleState<acc_t>{ninf, ninf, std::min(V - 1, s * plan.split_len)});
+  std::vector<acc_t> top_v(plan.splits * N * K, ninf);
+  std::vector<int64_t> top_i(plan.splits * N * K, kNoIndex);
+  const int64_t* offsets = opt.offsets.defined() ? opt.offsets.data_ptr<int64_t>() : nullptr;
+  const acc_t inv_t = static_cast<acc_t>(1.0 / opt.temperature);
 
   const int64_t items = plan.row_blocks * plan.splits;
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
@@ -544,7 +897,22 @@ void run_cpu(const LmHeadProblem& p, bool with_grad, at::Tensor& tokens_out, at:
                           st,
                           with_grad ? accb.data_ptr<acc_t>() : nullptr,
                           H};
-        update_rows(t);
+        if (options) {
+          const int64_t row0 = split * N + r0;
+          const TileOptions<acc_t> o{inv_t,
+                                     opt.temperature != 1,
+                                     opt.entropy ? s2s.data() + row0 : nullptr,
+                                     opt.sample ? samples.data() + row0 : nullptr,
+                                     opt.seed,
+                                     offsets ? offsets + r0 : nullptr,
+                                     r0,
+                                     K ? top_v.data() + row0 * K : nullptr,
+                                     K ? top_i.data() + row0 * K : nullptr,
+                                     K};
+          update_rows_options(t, o);
+        } else {
+          update_rows(t);
+        }
         if (!with_grad) continue;
         if constexpr (sixteen) {
           if (units) unit->accumulate(wt.data_ptr<scalar_t>(), tv, rows, lt.data_ptr<float>(), accb.data_ptr<float>());
@@ -555,28 +923,50 @@ void run_cpu(const LmHeadProblem& p, bool with_grad, at::Tensor& tokens_out, at:
     if (units) units_release();
   });
 
-  // Merge the vocabulary splits of each row, then finish: token, logp and grad = -r * (W[x] - acc / s).
-  int64_t* tok_out = tokens_out.data_ptr<int64_t>();
-  acc_t* logp_ptr = logp_out.data_ptr<acc_t>();
+  // Merge the vocabulary splits of each row, then finish: token, logp and grad = -r * (W[x] - acc / s), and the
+  // options' outputs.
+  int64_t* tok_out = out.tokens.data_ptr<int64_t>();
+  acc_t* logp_ptr = out.logp.data_ptr<acc_t>();
+  acc_t* entropy_ptr = opt.entropy ? out.entropy.data_ptr<acc_t>() : nullptr;
+  acc_t* topk_logp = K ? out.topk_logp.data_ptr<acc_t>() : nullptr;
+  int64_t* topk_tokens = K ? out.topk_tokens.data_ptr<int64_t>() : nullptr;
   const acc_t* reward = p.reward.defined() ? p.reward.data_ptr<acc_t>() : nullptr;
   const scalar_t* w = p.weight.data_ptr<scalar_t>();
   // The fp16 units accumulated 2^14 P W; s was summed from the unscaled P.
   const acc_t acc_unscale = units && path == CpuPath::kFp16Units ? acc_t(1) / acc_t(kFp16PScale) : acc_t(1);
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       RowState<acc_t> st = states[n];
       acc_t* g = with_grad ? accs[0].data_ptr<acc_t>() + n * H : nullptr;
+      acc_t* tv_n = K ? top_v.data() + n * K : nullptr;
+      int64_t* ti_n = K ? top_i.data() + n * K : nullptr;
       for (int64_t s = 1; s < plan.splits; ++s) {
+        const RowState<acc_t>& b = states[s * N + n];
+        if (opt.entropy) s2s[n] = merge_s2(s2s[n], st.s, st.m, s2s[s * N + n], b.s, b.m);
+        if (opt.sample && samples[s * N + n].score > samples[n].score) samples[n] = samples[s * N + n];
+        if (K) merge_topk(tv_n, ti_n, top_v.data() + (s * N + n) * K, top_i.data() + (s * N + n) * K, K);
         acc_t fa, fb;
-        merge_states(st, states[s * N + n], fa, fb);
+        merge_states(st, b, fa, fb);
         if (g) {
           const acc_t* gs = accs[s].data_ptr<acc_t>() + n * H;
           for (int64_t h = 0; h < H; ++h) g[h] = fa * g[h] + fb * gs[h];
         }
       }
-      const int64_t x = tok ? tok[n] : chosen_token(st);
+      // A NaN or +inf logit: the plain token rule, NaN entropy and top-k log-probabilities, top-k tokens 0..k-1.
+      const bool non_finite = st.nan_idx >= 0 || st.m == std::numeric_limits<acc_t>::infinity();
+      const bool sampled = opt.sample && !non_finite;
+      const int64_t x = tok ? tok[n] : sampled ? samples[n].idx : chosen_token(st);
       tok_out[n] = x;
-      logp_ptr[n] = final_logp(st, tok ? st.lx : st.best);
+      logp_ptr[n] = final_logp(st, tok ? st.lx : sampled ? samples[n].logit : st.best);
+      if (options) {
+        const acc_t lse = st.m + static_cast<acc_t>(std::log(st.s));
+        if (entropy_ptr) entropy_ptr[n] = non_finite ? nan : final_entropy(st.s, s2s[n]);
+        for (int64_t j = 0; j < K; ++j) {
+          topk_logp[n * K + j] = non_finite ? nan : tv_n[j] - lse;
+          topk_tokens[n * K + j] = non_finite ? j : ti_n[j];
+        }
+      }
       if (g) {
         const acc_t r = reward ? reward[n] : acc_t(1);
         const acc_t inv_s = acc_unscale / st.s;
@@ -585,6 +975,27 @@ void run_cpu(const LmHeadProblem& p, bool with_grad, at::Tensor& tokens_out, at:
       }
     }
   });
+}
+
+// gumbel_uniform(seed, offsets, V) -> [N, V] float32: the sampler's uniforms (latentseek/sampling.h), for tests.
+at::Tensor gumbel_uniform_op(int64_t seed, const at::Tensor& offsets, int64_t V) {
+  LS_CHECK(seed >= 0, "gumbel_uniform: seed must lie in [0, 2**63), got ", seed);
+  LS_CHECK(V >= 0, "gumbel_uniform: V must be >= 0, got ", V);
+  LS_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1, "gumbel_uniform: offsets must be an int64 [N] "
+           "tensor, got ", offsets.scalar_type(), " of shape ", shape_str(offsets.sizes()));
+  const at::Tensor off = offsets.contiguous();
+  const int64_t N = off.size(0);
+  if (N > 0) LS_CHECK(off.min().item<int64_t>() >= 0, "gumbel_uniform: offsets must be >= 0");
+  at::Tensor u = at::empty({N, V}, off.options().dtype(at::kFloat));
+  const int64_t* o = off.data_ptr<int64_t>();
+  float* out = u.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t v = 0; v < V; ++v)
+        out[n * V + v] = uniform_from_bits(philox_bits(static_cast<uint64_t>(seed), static_cast<uint64_t>(o[n]),
+                                                       static_cast<uint64_t>(v)));
+  });
+  return u;
 }
 
 // cpu_paths() and cpu_path(dtype): what the CPU kernel can run and what a call in `dtype` runs now.
@@ -596,16 +1007,18 @@ struct CpuDevice {
   static void check(const char* op, const LmHeadProblem& p) {
     LS_CHECK(p.hidden.device().is_cpu(), op, ": the CPU kernel got hidden on ", p.hidden.device());
     check_token_range(op, p);
+    check_offsets_range(op, p);
   }
   struct Guard {
     explicit Guard(const at::Tensor&) {}
   };
   template <typename scalar_t, typename acc_t>
   static void run(const LmHeadProblem& p, LmHeadOutputs& out) {
-    LmHeadProblem q = p;  // run_cpu reads one reward per row, with the scale folded in
-    q.reward = reward_per_row(p);
+    LmHeadProblem q = p;  // run_cpu reads one reward per row, with the scale (and 1 / T) folded in
+    q.reward_scale = p.opt.temperature == 1 ? p.reward_scale : p.reward_scale / p.opt.temperature;
+    q.reward = reward_per_row(q);
     q.reward_scale = 1;
-    run_cpu<scalar_t, acc_t>(q, out.with_grad, out.tokens, out.logp, out.grad);
+    run_cpu<scalar_t, acc_t>(q, out);
   }
 };
 
@@ -615,6 +1028,9 @@ TORCH_LIBRARY_IMPL(latentseek_ext, CPU, m) {
   m.impl("lm_head_policy_grad", &lm_head_policy_grad_entry<CpuDevice>);
   m.impl("lm_head_policy_grad.float_reward", &lm_head_policy_grad_float_reward_entry<CpuDevice>);
   m.impl("lm_head_logprob", &lm_head_logprob_entry<CpuDevice>);
+  m.impl("lm_head_policy_grad.options", &lm_head_policy_grad_options_entry<CpuDevice>);
+  m.impl("lm_head_logprob.options", &lm_head_logprob_options_entry<CpuDevice>);
+  m.impl("gumbel_uniform", &gumbel_uniform_op);
 }
 
 // The path queries take no tensor: one kernel for every dispatch key.

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -25,6 +27,26 @@ inline bool supported_float(at::ScalarType t) {
 // gradcheck in double precision is meaningful).
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// The largest k of the top-k option.
+constexpr int64_t kMaxTopK = 32;
+
+// The options of the .options overloads (issue 14), all off for the plain ops. A device's run() applies them:
+//   l' = l / T (the softmax, logp, entropy and top-k use l'; the greedy token stays argmax l; grad gains 1 / T),
+//   sample: tokens = argmax_v (l'_v + g_v) with g of latentseek/sampling.h (seed, offsets[n] or n, v),
+//   entropy: -sum p log p of softmax(l') into LmHeadOutputs::entropy,
+//   topk: the k largest l' - logsumexp(l') and their tokens (ties: lower index first) into topk_logp / topk_tokens.
+// A row with a NaN or +inf logit gets NaN entropy and topk_logp, topk_tokens 0..k-1 and the plain token rule.
+struct LmHeadOptions {
+  double temperature = 1;
+  bool sample = false;
+  uint64_t seed = 0;   // in [0, 2^63)
+  at::Tensor offsets;  // [N] int64 contiguous (values >= 0), or undefined: row n uses offset n
+  bool entropy = false;
+  int64_t topk = 0;  // 0, or 1..min(kMaxTopK, V)
+
+  bool any() const { return temperature != 1 || sample || entropy || topk > 0; }
+};
+
 // The validated, flattened view of one call: hidden as [N, H], reward and tokens per row (or undefined).
 struct LmHeadProblem {
   at::Tensor hidden;   // [N, H], stride(-1) == 1
@@ -35,6 +57,7 @@ struct LmHeadProblem {
   at::Tensor tokens;   // [N] int64 contiguous, or undefined (argmax); its range is checked by check_token_range
   std::vector<int64_t> lead;  // hidden.shape[:-1]
   int64_t N = 0, H = 0, V = 0;
+  LmHeadOptions opt;  // set by check_lm_head_options (the .options overloads); all off otherwise
 };
 
 // Checks every argument of lm_head_policy_grad / lm_head_logprob and flattens the leading dimensions.
@@ -100,6 +123,44 @@ inline LmHeadProblem check_lm_head_inputs(const char* op, const at::Tensor& hidd
     p.tokens = t.reshape({p.N}).contiguous();
   }
   return p;
+}
+
+// Checks the options of the .options overloads (after check_lm_head_inputs) and stores them in p.opt. A seed means
+// sample=True (the Python wrapper passes one only then).
+inline void check_lm_head_options(const char* op, LmHeadProblem& p, double temperature,
+                                  const c10::optional<int64_t>& seed, const c10::optional<at::Tensor>& offsets,
+                                  bool entropy, int64_t topk) {
+  LS_CHECK(std::isfinite(temperature) && temperature > 0, op, ": temperature must be finite and > 0, got ",
+           temperature);
+  const int64_t kmax = std::min(kMaxTopK, p.V);
+  LS_CHECK(topk >= 0 && topk <= kmax, op, ": topk must lie in [0, min(", kMaxTopK, ", V)] = [0, ", kmax, "], got ",
+           topk);
+  p.opt.temperature = temperature;
+  p.opt.entropy = entropy;
+  p.opt.topk = topk;
+  if (seed.has_value()) {
+    LS_CHECK(*seed >= 0, op, ": seed must lie in [0, 2**63), got ", *seed);
+    LS_CHECK(!p.tokens.defined(), op, ": sampling (a seed) draws the tokens, so tokens must be None, got a tensor");
+    p.opt.sample = true;
+    p.opt.seed = static_cast<uint64_t>(*seed);
+  }
+  if (offsets.has_value() && offsets->defined()) {
+    const auto& o = *offsets;
+    LS_CHECK(p.opt.sample, op, ": offsets are only used when sampling (with a seed), got offsets without a seed");
+    LS_CHECK(o.scalar_type() == at::kLong, op, ": offsets must be int64, got ", o.scalar_type());
+    LS_CHECK(o.device() == p.hidden.device(), op, ": offsets must be on hidden's device (", p.hidden.device(),
+             "), got ", o.device());
+    LS_CHECK(o.sizes() == at::IntArrayRef(p.lead), op, ": offsets must have shape hidden.shape[:-1] = ",
+             shape_str(p.lead), ", got shape ", shape_str(o.sizes()));
+    p.opt.offsets = o.detach().reshape({p.N}).contiguous();
+  }
+}
+
+// offsets >= 0, read on the host (free on the CPU; a device would check on the device instead).
+inline void check_offsets_range(const char* op, const LmHeadProblem& p) {
+  if (!p.opt.offsets.defined() || p.N == 0) return;
+  const int64_t lo = p.opt.offsets.min().item<int64_t>();
+  LS_CHECK(lo >= 0, op, ": offsets must be >= 0, got a minimum of ", lo);
 }
 
 // The range of the given tokens, read on the host: free on the CPU, a device sync elsewhere (the CUDA kernels check
