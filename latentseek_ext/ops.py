@@ -321,6 +321,12 @@ if EXTENSION_ERROR is None:
             x, logp, dlogp = _fake_outputs(hidden, weight, with_grad, tokens=tokens, bias=bias, offsets=offsets)
             return (logp, x, dlogp, *_fake_extra(hidden, entropy, topk))
 
+    if hasattr(torch.ops.latentseek_ext, "gumbel_uniform"):
+
+        @torch.library.register_fake("latentseek_ext::gumbel_uniform")
+        def _gumbel_uniform_fake(seed, offsets, V):
+            return offsets.new_empty((offsets.shape[0], V), dtype=torch.float32)
+
     def _logprob_setup_context(ctx, inputs, output):
         hidden, weight, _tokens, bias, with_grad = inputs[:5]
         _logp, x, dlogp, *extra = output

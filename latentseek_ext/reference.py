@@ -263,7 +263,7 @@ def _topk(scaled: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if k > 1:
         tied |= (vals[:, 1:] == vals[:, :-1]).any(-1)
     if bool(tied.any()):
-        s_vals, s_idx = torch.sort(scaled[tied], -1, descending=True, stable=True)
+        s_vals, s_idx = torch.sort(scaled[tied], stable=True, dim=-1, descending=True)
         vals[tied], idx[tied] = s_vals[:, :k], s_idx[:, :k]
     logp = vals - torch.logsumexp(scaled, -1, keepdim=True)
     bad = _non_finite_rows(scaled)

@@ -208,6 +208,17 @@ def _compare(name: str, got: torch.Tensor, truth: torch.Tensor, bound: torch.Ten
         )
 
 
+@dataclass
+class _Options:
+    """The options of one call as the checker needs them (see :func:`judge`)."""
+
+    temperature: float = 1.0
+    noise: Callable[[int, int], torch.Tensor] | None = None  # rows [i, j) -> float64 Gumbel noise [j - i, V]
+    entropy: torch.Tensor | None = None  # the candidate's entropy, flat [N]
+    topk_logp: torch.Tensor | None = None  # the candidate's [N, k]
+    topk_tokens: torch.Tensor | None = None
+
+
 def _judge_rows(
     z: torch.Tensor,
     w: torch.Tensor,
@@ -219,26 +230,38 @@ def _judge_rows(
     given: bool,
     row0: int,
     verdict: Verdict,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    opt: _Options | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Token rules for a chunk of rows (unless the tokens were given); returns the float64 truth and the bound of
-    logp and grad at the chosen tokens."""
+    logp and grad at the chosen tokens, then (truth, bound) of the entropy and of topk_logp when they are judged."""
+    opt = opt or _Options()
     n, H = z.shape
     V = w.shape[0]
+    T = opt.temperature
     logits = reference._logits(z, w, b)  # [n, V] float64
+    if T != 1:
+        logits = logits / T  # l' = l / T: the softmax, logp, entropy and top-k are of l'; the greedy token is the same
     m = logits.max(-1).values
     top = logits.argmax(-1)  # first maximum (first NaN where there is one), torch.argmax's rule
     finite_m = torch.isfinite(m)
     finite_l = torch.isfinite(logits) & finite_m[:, None]
 
-    # Logit error bounds d_v (0 where the logit is -inf or the row is not finite: those must match exactly).
+    # Logit error bounds d_v (0 where the logit is -inf or the row is not finite: those must match exactly). With a
+    # temperature the dot product's error shrinks by T, and the scaling by 1 / T adds two roundings of l'.
     magnitude = z.abs() @ wabs.T
     if b is not None:
         magnitude = magnitude + b.abs()
-    d = prec.gamma(H + 1) * magnitude + prec.eps * ((logits - m[:, None]).abs() + 2)
+    d = prec.gamma(H + 1) * magnitude / T + prec.eps * ((logits - m[:, None]).abs() + 2)
+    if T != 1:
+        d = d + 2 * prec.eps * logits.abs()
     d = torch.where(finite_l, d, torch.zeros_like(d))
 
-    # Tokens, by value.
     rows = torch.arange(n, device=z.device)
+    if opt.noise is not None and not given:
+        _judge_sampled_rows(logits, d, top, chosen, opt.noise(row0, row0 + n), row0, verdict)
+        given = True  # the plain token rules below do not apply to a sample
+
+    # Tokens, by value.
     picked = logits[rows, chosen]
     has_nan = torch.isnan(logits).any(-1)
     wrong_nan = has_nan & (chosen != top)
@@ -277,7 +300,7 @@ def _judge_rows(
     p = torch.softmax(logits, -1)
     mu = p @ w
     logp_t = picked - lse
-    grad_t = -r[:, None] * (w[chosen] - mu)
+    grad_t = -r[:, None] * (w[chosen] - mu) / T
     p = torch.where(finite_m[:, None], p, torch.zeros_like(p))  # rows without a finite max: NaN truth, no bound
     mu = torch.where(finite_m[:, None], mu, torch.zeros_like(mu))
     dbar = (p * d).sum(-1)
@@ -303,8 +326,141 @@ def _judge_rows(
     b_term = prec.u_p * s_rounded + prec.eta * wabs.sum(0)
     c_term = 2 * prec.gamma(2 * V) * s_p
     d_term = 2 * prec.eps * (w[chosen].abs() + mu.abs())
-    grad_b = r.abs()[:, None] * (a_term + b_term + c_term + d_term)
-    return logp_t, logp_b, grad_t, grad_b
+    grad_b = r.abs()[:, None] * (a_term + b_term + c_term + d_term) / T
+    if T != 1:
+        grad_b = grad_b + 2 * prec.eps * grad_t.abs()  # the factor 1 / T
+    out = [logp_t, logp_b, grad_t, grad_b]
+    log_s = lse - m
+    if opt.entropy is not None:
+        # H = -sum p log p; a logit error e_v moves it by -sum_v p_v (l_v - E l) (e_v - ebar) (first order), and the
+        # kernels' s2 = sum P (l - m) and s carry gamma(2V) each: log s - s2 / s.
+        logp_all = logits - lse[:, None]
+        ent_t = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
+        ent_t = torch.where(finite_m & ~_non_finite(logits), ent_t, torch.full_like(ent_t, math.nan))
+        mean_l = (p * torch.where(finite_l, logits, torch.zeros_like(logits))).sum(-1, keepdim=True)
+        spread = torch.where(finite_l, (logits - mean_l).abs(), torch.zeros_like(logits))
+        from_max = (p * torch.where(finite_l, (logits - m[:, None]).abs(), torch.zeros_like(logits))).sum(-1)
+        ent_b = (
+            (p * spread * (d + dbar[:, None])).sum(-1)
+            + prec.gamma(2 * V) * (1 + 3 * from_max)
+            + prec.eps * (log_s.abs() + from_max + ent_t.abs() + 1)
+        )
+        out += [ent_t, ent_b]
+    if opt.topk_tokens is not None:
+        out += _judge_topk_rows(logits, d, dbar, lse, m, z, w, b, prec, opt, row0, verdict)
+    return tuple(out)
+
+
+def _non_finite(logits: torch.Tensor) -> torch.Tensor:
+    """Rows with a NaN or +inf logit."""
+    return torch.isnan(logits).any(-1) | (logits == math.inf).any(-1)
+
+
+#: Error of the kernels' float32 Gumbel noise g = -log(-log(u)) per unit of (1 + |g|): two logarithms of a few ulp.
+NOISE_EPS = 4 * torch.finfo(torch.float32).eps
+
+
+def _judge_sampled_rows(
+    logits: torch.Tensor, d: torch.Tensor, top: torch.Tensor, chosen: torch.Tensor, g: torch.Tensor, row0: int,
+    verdict: Verdict,
+) -> None:  # fmt: skip
+    """A sampled token, by value: its perturbed score l'_x + g_x may lie below the row's best perturbed score only by
+    the two scores' error bounds (logit bound + the float32 noise's + the sum's rounding). A row with a NaN or +inf
+    logit follows the plain rule (first NaN, else first maximum)."""
+    n = logits.shape[0]
+    rows = torch.arange(n, device=logits.device)
+    score = logits + g
+    bad = _non_finite(logits)
+    wrong_plain = bad & (chosen != top)
+    best = score.argmax(-1)
+    s_max = score[rows, best]
+    s_x = score[rows, chosen]
+    e = d + NOISE_EPS * (1 + g.abs()) + torch.finfo(torch.float32).eps * score.abs()
+    tol = e[rows, chosen] + e[rows, best]
+    gap = torch.where(s_x == s_max, torch.zeros_like(s_max), s_max - s_x).nan_to_num(nan=0.0)
+    gap = torch.where(bad, torch.zeros_like(gap), gap)
+    ratio = torch.where(gap > 0, gap / tol, torch.zeros_like(gap)).nan_to_num(nan=math.inf, posinf=math.inf)
+    if n:
+        verdict.ratios["sample"] = max(verdict.ratios.get("sample", 0.0), float(ratio.max()))
+    for mask, what in (
+        (wrong_plain, "has a NaN or +inf logit and is not the plain token (first NaN, else first maximum)"),
+        (~bad & (gap > tol), "has a perturbed score l'/T + g below the row's best by more than the error bounds"),
+    ):
+        if bool(mask.any()):
+            i = int(mask.nonzero()[0, 0])
+            verdict.problems.append(
+                f"sampled tokens: {int(mask.sum())} rows' token {what}; first: row {row0 + i}, token "
+                f"{int(chosen[i])} (score {float(s_x[i]):.9g}), best {int(best[i])} (score {float(s_max[i]):.9g}), "
+                f"tolerance {float(tol[i]):.3g}"
+            )
+
+
+def _judge_topk_rows(
+    logits: torch.Tensor, d: torch.Tensor, dbar: torch.Tensor, lse: torch.Tensor, m: torch.Tensor, z: torch.Tensor,
+    w: torch.Tensor, b: torch.Tensor | None, prec: Precision, opt: _Options, row0: int, verdict: Verdict,
+) -> list[torch.Tensor]:  # fmt: skip
+    """The top-k tokens by value (the j-th returned token's l' within the error bounds of the true j-th largest;
+    distinct; exact ties, where every summation order sees them, lower index first) and topk_logp's truth and bound
+    at the returned tokens. Rows with a NaN or +inf logit only need tokens in range (their values must be NaN)."""
+    n, V = logits.shape
+    k = opt.topk_tokens.shape[1]
+    tok = opt.topk_tokens[row0 : row0 + n].to(logits.device)
+    bad = _non_finite(logits) | ~torch.isfinite(m)
+    if bool(((tok < 0) | (tok >= V)).any()):
+        verdict.problems.append(
+            f"topk_tokens: must lie in [0, {V}), got values in [{int(tok.min())}, {int(tok.max())}]"
+        )
+        tok = tok.clamp(0, V - 1)
+    vals = logits.gather(1, tok)
+    want = logits.topk(k, -1).values
+    dmax = d.max(-1, keepdim=True).values
+    tol = d.gather(1, tok) + dmax
+    exact = vals == want
+    gap = torch.where(exact, torch.zeros_like(vals), (vals - want).abs()).nan_to_num(nan=math.inf)
+    gap = torch.where(bad[:, None], torch.zeros_like(gap), gap)
+    ratio = torch.where(gap > 0, gap / tol, torch.zeros_like(gap)).nan_to_num(nan=math.inf, posinf=math.inf)
+    if n:
+        verdict.ratios["topk_tokens"] = max(verdict.ratios.get("topk_tokens", 0.0), float(ratio.max()))
+    sorted_tok = tok.sort(-1).values
+    repeated = ~bad & (sorted_tok[:, 1:] == sorted_tok[:, :-1]).any(-1) if k > 1 else torch.zeros_like(bad)
+    problems = [
+        (repeated, "repeat a token"),
+        ((gap > tol).any(-1), "hold a token whose l' is off the true rank's value by more than the error bounds"),
+    ]
+    # Exact ties: a returned token after an equal one of higher index, or a lower-index equal one left out.
+    tie_rows = torch.zeros_like(bad)
+    for i in (~bad).nonzero()[:, 0].tolist():
+        row_vals = vals[i]
+        for j in range(k):
+            equal = (logits[i] == row_vals[j]).nonzero()[:, 0]
+            if equal.numel() < 2 or not torch.isfinite(row_vals[j]):
+                continue
+            lower = equal[equal < tok[i, j]]
+            ahead = set(tok[i, :j].tolist())
+            for u in lower.tolist():
+                if u in ahead:
+                    continue
+                pair = torch.tensor([u, int(tok[i, j])], device=logits.device)
+                if bool(_exact_logits(z[i], w[pair], None if b is None else b[pair], prec.bits).all()):
+                    tie_rows[i] = True
+    problems.append((tie_rows, "break an exact tie to the higher index (ties go to the lowest index)"))
+    for mask, what in problems:
+        if bool(mask.any()):
+            i = int(mask.nonzero()[0, 0])
+            verdict.problems.append(
+                f"topk_tokens: {int(mask.sum())} rows {what}; first: row {row0 + i}, tokens {tok[i].tolist()[:8]}, "
+                f"values {[round(float(x), 6) for x in vals[i][:8]]}, true values {[round(float(x), 6) for x in want[i][:8]]}"
+            )
+    topk_t = vals - lse[:, None]
+    topk_t = torch.where(bad[:, None], torch.full_like(topk_t, math.nan), topk_t)
+    topk_b = (
+        d.gather(1, tok)
+        + dbar[:, None]
+        + prec.gamma(2 * V)
+        + prec.eps * (lse.abs() + (lse - m).abs()).nan_to_num(nan=0.0)[:, None]
+        + prec.eps * (topk_t.abs() + 1)
+    )
+    return [topk_t, topk_b]
 
 
 def judge(
@@ -316,12 +472,25 @@ def judge(
     outputs: Sequence[torch.Tensor | None],
     *,
     grad_dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    offsets: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    topk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Verdict:
     """Judges ``outputs = (tokens, logp, grad)`` of the op on these inputs; ``grad`` may be None (lm_head_logprob's
     forward). ``grad_dtype``: the dtype grad must have, if not the accumulation dtype (autograd returns hidden's);
-    a narrower one adds half its ulp of |truth| to the bound."""
+    a narrower one adds half its ulp of |truth| to the bound.
+
+    The options: ``temperature`` T of the call; ``seed`` (and ``offsets``) when the tokens were sampled (judged by
+    their perturbed scores with the noise of :func:`latentseek_ext.reference.gumbel_noise`); ``entropy`` and
+    ``topk = (topk_logp, topk_tokens)``: the candidate's extra outputs, judged when given."""
     out_tokens, logp, grad = outputs
     verdict = Verdict()
+    if entropy is not None:
+        verdict.ratios["entropy"] = 0.0
+    if topk is not None:
+        verdict.ratios["topk_logp"] = 0.0
     dtype = hidden.dtype
     acc = reference.acc_dtype(dtype)
     lead = tuple(hidden.shape[:-1])
@@ -330,6 +499,17 @@ def judge(
         ("tokens", out_tokens, torch.int64, lead),
         ("logp", logp, acc, lead),
         ("grad", grad, want_grad_dtype, tuple(hidden.shape)),
+    ):
+        if t is not None and (t.dtype != want_dtype or tuple(t.shape) != want_shape or t.device != hidden.device):
+            verdict.problems.append(
+                f"{name} must be {want_dtype} of shape {list(want_shape)} on {hidden.device}, "
+                f"got {t.dtype} of shape {list(t.shape)} on {t.device}"
+            )
+    k = 0 if topk is None else topk[1].shape[-1]
+    for name, t, want_dtype, want_shape in (
+        ("entropy", entropy, acc, lead),
+        ("topk_logp", None if topk is None else topk[0], acc, (*lead, k)),
+        ("topk_tokens", None if topk is None else topk[1], torch.int64, (*lead, k)),
     ):
         if t is not None and (t.dtype != want_dtype or tuple(t.shape) != want_shape or t.device != hidden.device):
             verdict.problems.append(
@@ -356,17 +536,35 @@ def judge(
     r = _reward_rows(reward, z.shape[0], device)
     prec = Precision.of(dtype)
     wabs = w.abs()
-    logp_t, logp_b, grad_t, grad_b = [], [], [], []
+    noise = None
+    if seed is not None:
+        off = reference.default_offsets(hidden) if offsets is None else offsets
+        off = off.reshape(-1).to(device)
+        noise = lambda i, j: reference.gumbel_noise(seed, off[i:j], V)  # noqa: E731
+    opt = _Options(
+        temperature=float(temperature),
+        noise=noise,
+        entropy=None if entropy is None else entropy.reshape(-1),
+        topk_logp=None if topk is None else topk[0].reshape(-1, k),
+        topk_tokens=None if topk is None else topk[1].reshape(-1, k),
+    )
+    parts: list[list[torch.Tensor]] = []
     for rows in _chunks(z.shape[0], w.shape[0]):
-        out = _judge_rows(z[rows], w, wabs, b, r[rows], chosen[rows], prec, tokens is not None, rows.start, verdict)
-        for acc_list, t in zip((logp_t, logp_b, grad_t, grad_b), out, strict=True):
-            acc_list.append(t)
+        out = _judge_rows(
+            z[rows], w, wabs, b, r[rows], chosen[rows], prec, tokens is not None, rows.start, verdict, opt
+        )
+        parts.append(list(out))
     if z.shape[0] == 0:
         return verdict
-    logp_t, logp_b = torch.cat(logp_t), torch.cat(logp_b)
+    logp_t, logp_b, grad_t, grad_b, *extra = (torch.cat(list(col)) for col in zip(*parts, strict=True))
+    if entropy is not None:
+        ent_t, ent_b, *extra = extra
+        _compare("entropy", opt.entropy.to(device), ent_t, ent_b, verdict)
+    if topk is not None:
+        topk_t, topk_b = extra
+        _compare("topk_logp", opt.topk_logp.to(device), topk_t, topk_b, verdict)
     _compare("logp", logp.reshape(-1).to(device), logp_t, logp_b, verdict)
     if grad is not None:
-        grad_t, grad_b = torch.cat(grad_t), torch.cat(grad_b)
         if torch.finfo(want_grad_dtype).eps > torch.finfo(acc).eps:
             grad_b = grad_b + torch.finfo(want_grad_dtype).eps / 2 * grad_t.abs()
         _compare("grad", grad.reshape(-1, H).to(device), grad_t, grad_b, verdict)
@@ -382,9 +580,10 @@ def check_outputs(
     outputs: Sequence[torch.Tensor | None],
     *,
     grad_dtype: torch.dtype | None = None,
+    **options,
 ) -> Verdict:
-    """:func:`judge`, raising AssertionError with what was wrong."""
-    verdict = judge(hidden, weight, reward, tokens, bias, outputs, grad_dtype=grad_dtype)
+    """:func:`judge` (options as its keywords), raising AssertionError with what was wrong."""
+    verdict = judge(hidden, weight, reward, tokens, bias, outputs, grad_dtype=grad_dtype, **options)
     if not verdict.ok:
         raise AssertionError(
             f"{hidden.dtype} N={hidden.shape[:-1].numel()} H={hidden.shape[-1]} V={weight.shape[0]}: {verdict}"
@@ -405,6 +604,29 @@ def check_policy_grad(
     outputs = impl(hidden, weight, reward, tokens, bias)
     check_outputs(hidden, weight, reward, tokens, bias, outputs)
     return outputs
+
+
+def check_options_call(
+    impl: Callable,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    reward: reference.Reward = None,
+    tokens: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    **options,
+) -> tuple[Verdict, tuple[torch.Tensor, ...]]:
+    """Runs ``impl(hidden, weight, reward, tokens, bias, **options)`` (the public signature with the keyword options
+    temperature, sample, seed, offsets, entropy, topk), judges every output and returns the verdict and outputs."""
+    outputs = impl(hidden, weight, reward, tokens, bias, **options)
+    x, logp, grad, *extra = outputs
+    ent = extra.pop(0) if options.get("entropy") else None
+    top = tuple(extra) if options.get("topk") else None
+    verdict = judge(
+        hidden, weight, reward, tokens, bias, (x, logp, grad), temperature=options.get("temperature", 1.0),
+        seed=options.get("seed") if options.get("sample") else None, offsets=options.get("offsets"), entropy=ent,
+        topk=top,
+    )  # fmt: skip
+    return verdict, outputs
 
 
 def revealing_inputs(

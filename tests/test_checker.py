@@ -221,3 +221,107 @@ def test_exact_ties_go_to_the_lowest_index_where_every_summation_order_sees_them
     outputs = (high, *reference.lm_head_policy_grad(hidden, weight, None, high)[1:])
     verdict = judge(hidden, weight, None, None, None, outputs)
     assert any("lowest index" in p for p in verdict.problems), str(verdict)
+
+
+# --- the options (temperature, sampling, entropy, top-k) -------------------------------------------------------------
+
+#: The options every option fault runs with: each output of each option is judged.
+OPTIONS = {"temperature": 0.7, "sample": True, "seed": 2024, "entropy": True, "topk": 8}
+
+
+def options_model(hidden, weight, reward=None, tokens=None, bias=None, *, fault: str | None = None, **options):
+    """The reference with the options, and one optional fault, each a mistake a kernel could make:
+    entropy_1pct / topk_logp_1pct  an output 1 % too large
+    topk_skips_rank                the k-th returned token is the (k+1)-th largest (one rank skipped)
+    topk_ties_highest              top-k ties broken to the higher index (shows on exact ties, see below)
+    temperature_ignored            every output computed at T = 1
+    entropy_unscaled               the entropy of softmax(l) instead of softmax(l / T)
+    noise_exponential              the sample is argmax(l' - log u) (exponential noise instead of Gumbel)
+    noise_other_stream             the noise of offset n + 1 for row n
+    """
+    opts = dict(options)
+    if fault == "temperature_ignored":
+        opts["temperature"] = 1.0
+    if fault in ("noise_exponential", "noise_other_stream"):
+        T = opts["temperature"]
+        scaled = reference._logits(hidden, weight, bias) / T
+        off = reference.default_offsets(hidden).reshape(-1)
+        if fault == "noise_exponential":
+            noise = -torch.log(reference.gumbel_uniform(opts["seed"], off, weight.shape[0]).double())
+        else:
+            noise = reference.gumbel_noise(opts["seed"], off + 1, weight.shape[0])
+        tokens = (scaled + noise.to(scaled.dtype)).argmax(-1).reshape(hidden.shape[:-1])
+        opts.update(sample=False, seed=None)
+    x, logp, grad, ent, top_logp, top_tokens = reference.lm_head_policy_grad(
+        hidden, weight, reward, tokens, bias, **opts
+    )
+    if fault == "entropy_1pct":
+        ent = ent * 1.01
+    if fault == "entropy_unscaled":
+        ent = reference.lm_head_policy_grad(hidden, weight, reward, tokens, bias, entropy=True)[3]
+    if fault == "topk_logp_1pct":
+        top_logp = top_logp * 1.01
+    if fault == "topk_skips_rank":
+        more = reference.lm_head_policy_grad(hidden, weight, reward, tokens, bias, **{**opts, "topk": opts["topk"] + 1})
+        top_logp = torch.cat([top_logp[..., :-1], more[4][..., -1:]], -1)
+        top_tokens = torch.cat([top_tokens[..., :-1], more[5][..., -1:]], -1)
+    if fault == "topk_ties_highest":
+        V = weight.shape[0]
+        flipped = reference.lm_head_policy_grad(
+            hidden,
+            weight.flip(0),
+            reward,
+            None,
+            None if bias is None else bias.flip(0),
+            topk=opts["topk"],
+            temperature=opts["temperature"],
+        )
+        top_tokens = V - 1 - flipped[4]
+    return x, logp, grad, ent, top_logp, top_tokens
+
+
+OPTION_FAULTS = [
+    "entropy_1pct",
+    "topk_logp_1pct",
+    "topk_skips_rank",
+    "temperature_ignored",
+    "entropy_unscaled",
+    "noise_exponential",
+    "noise_other_stream",
+]
+
+
+def _judge_options(impl, inputs, **options):
+    hidden, weight, reward, bias = inputs
+    verdict, _ = checking.check_options_call(impl, hidden, weight, reward, None, bias, **{**OPTIONS, **options})
+    return verdict
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [reference.lm_head_policy_grad, options_model],
+    ids=["reference", "options_model"],
+)
+def test_correct_option_implementations_pass_with_margin(impl, inputs):
+    verdict = _judge_options(impl, inputs)
+    assert verdict.ok, str(verdict)
+    assert verdict.worst() <= MARGIN_OK, str(verdict)
+
+
+@pytest.mark.parametrize("fault", OPTION_FAULTS)
+def test_wrong_option_implementations_are_rejected(fault, inputs):
+    verdict = _judge_options(lambda *a, **k: options_model(*a, fault=fault, **k), inputs)
+    assert not verdict.ok, f"{fault} passed: {verdict}"
+    rule = any("tokens:" in p and "rows" in p for p in verdict.problems)
+    assert rule or verdict.worst() >= MARGIN_WRONG, f"{fault} rejected without margin: {verdict}"
+
+
+def test_topk_exact_ties_go_to_the_lowest_index():
+    # Rows 6-7 of the revealing inputs have an exact tie (two identical rows of W on a binary grid) at their top.
+    inputs = revealing_inputs(torch.float32)
+    good = _judge_options(options_model, inputs, sample=False, seed=None)
+    assert good.ok, str(good)
+    bad = _judge_options(
+        lambda *a, **k: options_model(*a, fault="topk_ties_highest", **k), inputs, sample=False, seed=None
+    )
+    assert any("exact tie" in p for p in bad.problems), str(bad)
