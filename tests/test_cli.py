@@ -194,7 +194,11 @@ def test_help_shows_each_knob_with_the_defaults_of_its_methods(capsys, monkeypat
         main(["solve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--rho RHO fraction of the answer's latents optimised; default 0.2 " in text
-    assert "--reward {self,oracle} self-verification or the gold answer; default self " in text
+    assert (
+        "--reward {self,oracle,confidence} self-verification, the gold answer, or (latentseek) the answer's own "
+        "confidence; default self " in text
+    )
+    assert "--samples SAMPLES prefixes drawn from the latents per step" in text
     assert "--n-candidates" not in text
 
 

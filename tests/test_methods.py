@@ -261,11 +261,12 @@ def test_make_method_knobs_and_names(model, tok):
     assert seek.name == "latentseek-oracle"
     assert seek.knobs["rho"] == 0.5 and seek.knobs["prompt"] == "json" and "verifier_max_new_tokens" not in seek.knobs
     custom = LatentSeekMethod(model, tok, reward=Listed([]), config=_config(rho=0.5))
-    assert custom.knobs == {
+    assert custom.knobs == {  # the sampler's seed only with samples > 1
         "prompt": "boxed",
         "reward": "custom",
-        **dataclasses.asdict(_config(rho=0.5)),
+        **{k: v for k, v in dataclasses.asdict(_config(rho=0.5)).items() if k != "seed"},
     }
+    assert make_method("latentseek", model, tok, samples=2, seed=3).knobs["seed"] == 3
 
 
 def test_the_knob_table_is_the_settings_classes():

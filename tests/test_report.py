@@ -20,13 +20,14 @@ from latentseek.eval.report import (
     accuracy_at_budgets,
     answer_at_budget,
     budget_curve,
+    budget_token_curve,
     default_report_dir,
     markdown_table,
     mean_reward_by_iteration,
     report,
 )
 from latentseek.eval.runner import run_eval
-from latentseek.eval.storage import RESULTS_FILE, SHARD_DIR, RecordWriter, load_run
+from latentseek.eval.storage import RESULTS_FILE, SHARD_DIR, RecordWriter, Run, load_run
 
 COMMITTED_RUNS = Path(__file__).resolve().parent.parent / "runs"
 
@@ -287,3 +288,23 @@ def test_report_draws_the_budget_curve_and_notes_runs_without_steps(tmp_path):
     assert "leaves out old:" in result.markdown and "leaves out new" not in result.markdown
     for plot in result.plot_paths[3:]:
         assert plot.read_bytes().startswith(PNG_SIGNATURE) and f"({plot.name})" in result.markdown
+
+
+def test_budget_token_curve_puts_the_step_budgets_on_the_token_axis(tmp_path):
+    def with_tokens(x, step_tokens):
+        stored = step_record(*x)
+        record = dataclasses.replace(stored.record, step_tokens=step_tokens, tokens=step_tokens[-1])
+        return StoredRecord(stored.id, stored.gold, record)
+
+    failed = StoredRecord("qf", "4", Record.unsolved("failed", "reward raised"))
+    records = [with_tokens(A, [4, 7, 10]), with_tokens(B, [5]), with_tokens(C, [3, 6, 8, 11]), failed]
+    run = Run(tmp_path, {"method": "latentseek-oracle", "knobs": {"max_steps": 3, "keep_best": False}}, records)
+    tokens, accuracy = budget_token_curve(run)
+    assert tokens == [(4 + 5 + 3) / 4, (7 + 5 + 6) / 4, (10 + 5 + 8) / 4, (10 + 5 + 11) / 4]
+    assert accuracy == budget_curve(run)[1] == [0.25, 0.5, 0.5, 0.5]
+    stats = RunStats.of(run)  # the full budget is the table's point
+    assert (tokens[-1], accuracy[-1]) == (stats.tokens_per_problem, stats.accuracy)
+    older = Run(tmp_path, run.config, [with_tokens(A, [4, 7, 10]), step_record(*B)])
+    assert budget_token_curve(older) is None
+    line = step_record(*B).to_json()
+    assert "step_tokens" not in line and "sample_rewards" not in line  # a record without them writes no field

@@ -9,10 +9,12 @@ import torch
 
 import latentseek.rewards as rewards
 from latentseek.eval.judge import answers_match
+from latentseek.model import ModelAdapter
 from latentseek.rewards import (
     BOXED_FORMAT,
     CHECKS,
     CallableReward,
+    ConfidenceReward,
     OracleReward,
     Score,
     SelfReward,
@@ -212,3 +214,63 @@ def test_a_reward_returning_no_number_is_an_error():
         evaluate(as_reward(lambda q, a: "good"), ["q"], ["a"], [None])
     with pytest.raises(TypeError, match="callable"):
         as_reward(3.0)
+
+
+# --- confidence --------------------------------------------------------------------------------------------------
+
+
+def _direct_confidence(adapter: ModelAdapter, hidden: torch.Tensor, k: int) -> float:
+    """C of one answer in float64 torch: the full logits, their log-softmax, the k largest, the means."""
+    W, b = adapter.weight.double(), adapter.bias
+    logits = hidden.double() @ W.T + (0.0 if b is None else b.double())
+    return float(-logits.log_softmax(-1).topk(k, -1).values.mean(-1).mean())
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+@pytest.mark.parametrize("k", [2, 10, 32])
+def test_confidence_reward_equals_a_direct_torch_computation(model, impl, k):
+    adapter = ModelAdapter.of(model)
+    gen = torch.Generator().manual_seed(k)
+    hidden = [torch.randn(n, adapter.weight.shape[1], generator=gen).to(adapter.device) for n in (1, 7, 30)]
+    scores = ConfidenceReward(model, k=k, impl=impl).score_hidden(hidden)
+    for h, score in zip(hidden, scores, strict=True):
+        want = _direct_confidence(adapter, h, k)
+        assert score.details == {"confidence": pytest.approx(want, rel=1e-5), "tokens": h.shape[0]}
+        assert score.value == pytest.approx(-math.log(k) / want, rel=1e-5)
+        assert -1.0 <= score.value < 0.0
+
+
+def test_confidence_reward_spans_minus_one_to_zero(tok):
+    """-1 when every position spreads its mass evenly over k tokens, near 0 when it is certain of one."""
+    model = tiny_model("qwen2", vocab_size=len(tok), tie=False)
+    k, H = 4, model.config.hidden_size
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        # tokens 0..k-1 get (almost) the same logit, 60 (1 + j 1e-6), the others 0: no exact tie
+        model.lm_head.weight[:k, 0] = 1.0 + 1e-6 * torch.arange(k)
+        model.lm_head.weight[k, 1] = 1.0  # token k alone has the logit z_1
+        # every token also gets the small logit 1e-3 v (no exact ties among the rest either)
+        model.lm_head.weight[:, 2] = 1e-3 * torch.arange(model.lm_head.weight.shape[0])
+    torn = torch.zeros(3, H)
+    torn[:, 0] = 60.0  # e^-60: the other tokens' mass is below float32's resolution of 1
+    certain = torch.zeros(3, H)
+    certain[:, 1] = 60.0
+    torn[:, 2] = certain[:, 2] = 1.0
+    reward = ConfidenceReward(model, k=k)
+    (torn_score, certain_score) = reward.score_hidden([torn, certain])
+    assert torn_score.value == pytest.approx(-1.0, abs=1e-5)
+    assert -0.1 < certain_score.value < 0.0
+
+
+@pytest.mark.parametrize("k", [1, 0, 33, 2.5, True])
+def test_confidence_reward_k_is_checked(model, k):
+    with pytest.raises(ValueError, match="ConfidenceReward.k must be an int in"):
+        ConfidenceReward(model, k=k)
+
+
+def test_a_hidden_state_reward_needs_the_states(model):
+    reward = as_reward(ConfidenceReward(model))
+    with pytest.raises(ValueError, match="needs the hidden states of the 2 answers, got none"):
+        evaluate(reward, ["q", "q"], ["a", "b"], [None, None])
+    with pytest.raises(ValueError, match="at least one token"):
+        reward.score_hidden([torch.zeros(0, model.config.hidden_size)])

@@ -16,11 +16,14 @@ MODEL="${MODEL:?MODEL=path to the GGUF file}"
 DATA="${DATA:-$ROOT/../shared/data/gsm8k_test.jsonl}"
 OUT="${OUT:-$ROOT/runs}"
 LIMIT="${LIMIT:-30}"
-STAGES="${STAGES:-cot oracle self bon sc slot report}"
+STAGES="${STAGES:-cot oracle self bon sc confidence samples slot report}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-512}"
 ORACLE_MAX_STEPS="${ORACLE_MAX_STEPS:-4}"
 SELF_MAX_STEPS="${SELF_MAX_STEPS:-2}"
 VERIFIER_TOKENS="${VERIFIER_TOKENS:-128}"
+CONFIDENCE_MAX_STEPS="${CONFIDENCE_MAX_STEPS:-2}"
+SAMPLES="${SAMPLES:-4}"
+SAMPLES_MAX_STEPS="${SAMPLES_MAX_STEPS:-2}"
 BATCH_SIZE="${BATCH_SIZE:-8}"
 # The committed runs are fp32 (explicit: --dtype auto picks bf16 on CPUs with bf16 units).
 DTYPE="${DTYPE:-fp32}"
@@ -48,11 +51,20 @@ for stage in $STAGES; do
         bon) "${LATENTSEEK[@]}" eval "${common[@]}" --method bon --reward self \
             --verifier-max-new-tokens "$VERIFIER_TOKENS" --out "$OUT/gsm8k30-bon-self" ;;
         sc) "${LATENTSEEK[@]}" eval "${common[@]}" --method self-consistency --out "$OUT/gsm8k30-self-consistency" ;;
+        # The confidence reward rarely passes the threshold, so the best-rewarded (most confident) answer is
+        # returned (--keep-best); 2 steps, as for the self-reward. K = 4 draws per step with the oracle reward and
+        # 2 steps (the first samples around the greedy answer, the second after one REINFORCE update): 8 drawn
+        # answers per unsolved problem, what the shared 2-core CPU allowed beside the other runs.
+        confidence) "${LATENTSEEK[@]}" eval "${common[@]}" --method latentseek --reward confidence --keep-best \
+            --max-steps "$CONFIDENCE_MAX_STEPS" --out "$OUT/gsm8k30-latentseek-confidence" ;;
+        samples) "${LATENTSEEK[@]}" eval "${common[@]}" --method latentseek --reward oracle --samples "$SAMPLES" \
+            --max-steps "$SAMPLES_MAX_STEPS" --out "$OUT/gsm8k30-latentseek-samples" ;;
         # SLOT with its defaults, the authors' 5 AdamW steps at lr 0.1 on each prompt's own delta.
         slot) "${LATENTSEEK[@]}" eval "${common[@]}" --method slot --out "$OUT/gsm8k30-slot" ;;
         report) "$PY" -m latentseek report "$OUT"/gsm8k30-cot "$OUT"/gsm8k30-latentseek-oracle \
             "$OUT"/gsm8k30-latentseek-self "$OUT"/gsm8k30-bon-self "$OUT"/gsm8k30-self-consistency \
-            "$OUT"/gsm8k30-slot --out "$OUT/gsm8k30-report" ;;
+            "$OUT"/gsm8k30-latentseek-confidence "$OUT"/gsm8k30-latentseek-samples "$OUT"/gsm8k30-slot \
+            --out "$OUT/gsm8k30-report" ;;
         *) echo "unknown stage $stage" >&2; exit 2 ;;
     esac
 done

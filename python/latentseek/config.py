@@ -39,6 +39,11 @@ class LatentSeekConfig:
         decode: how generation runs its decode steps (:func:`latentseek.generation.extend`): ``"eager"`` (the
             reference) or ``"graph"`` (static shapes, captured in CUDA graphs on CUDA); None: the device's default
             (:func:`latentseek.static_decode.default_decode`, eager everywhere until a GPU has verified the graph path).
+        samples: K, the token sequences drawn from the latents per step. 1 (the default) is the paper's algorithm:
+            x = argmax lm_head(z), the update ``-R * sum_t log p(x_t | z_t)``. K > 1 draws K prefixes per step with
+            the op's Gumbel-max sampler and updates with REINFORCE and a mean baseline (see :mod:`latentseek.loop`).
+        seed: the sampler's seed for K > 1 (an int in [0, 2**63)); a problem's draws depend only on it, the
+            problem's prompt, the step, the sample and the position, never on the batch.
         context_policy: what to do, before any model work, with a problem that cannot fit in the model's context
             (its prompt, plus up to :func:`answer_token_bound` answer tokens; and each verifier prompt of a reward
             that runs the model, plus its own max_new_tokens): ``"error"`` raises
@@ -61,6 +66,8 @@ class LatentSeekConfig:
     impl: Impl = "auto"
     decode: Decode | None = None
     context_policy: ContextPolicy = "error"
+    samples: int = 1
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.rho <= 1.0):
@@ -81,6 +88,15 @@ class LatentSeekConfig:
             raise ConfigError(f"LatentSeekConfig.impl must be one of {IMPLS}, got {self.impl!r}")
         if self.decode is not None and self.decode not in DECODES:
             raise ConfigError(f"LatentSeekConfig.decode must be None or one of {DECODES}, got {self.decode!r}")
+        if not (isinstance(self.samples, int) and self.samples >= 1):
+            raise ConfigError(f"LatentSeekConfig.samples must be an int >= 1, got {self.samples!r}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**63):
+            raise ConfigError(f"LatentSeekConfig.seed must be an int in [0, 2**63), got {self.seed!r}")
+        if self.samples > 1 and (self.max_steps + 1) * self.samples * MAX_UPDATE_LENGTH >= 2**32:
+            raise ConfigError(
+                f"LatentSeekConfig: max_steps * samples must stay below {2**32 // MAX_UPDATE_LENGTH} (each draw's "
+                f"offset counts (step, sample, position) in 32 bits), got {self.max_steps} * {self.samples}"
+            )
         if self.context_policy not in CONTEXT_POLICIES:
             raise ConfigError(
                 f"LatentSeekConfig.context_policy must be one of {CONTEXT_POLICIES}, got {self.context_policy!r}"

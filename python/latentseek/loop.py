@@ -18,9 +18,31 @@ For each problem (the semantics of the paper's code, ``opt_generation.py``):
    The same z and Adam state are carried across steps. The last answer is returned (``keep_best``: the best
    rewarded one).
 
+**K samples** (``samples = K > 1``; K = 1 is the algorithm above, unchanged). Each step draws K prefixes from the
+current latents with the op's Gumbel-max sampler (``lm_head_policy_grad(z, sample=True, seed, offsets)``, one call
+for all K draws of all problems, which also gives each draw's ``-d log p(x^k | z) / dz``), then:
+
+- **decode**: each draw's answer is answer[:start] + x^k + the greedy continuation after it (cut at a stop token as
+  below); draws with equal prefixes share one continuation and one reward (the greedy continuation is a function
+  of the prefix);
+- **reward**: R_k for each draw's answer, all draws of all problems in one reward call;
+- **keep**: the step's answer is the best-rewarded draw (the earliest among equals); its reward is the step's
+  reward R (the threshold, ``keep_best`` and the record read it), and ``Result.sample_rewards`` keeps all K;
+- **update** (only if the problem goes on): one Adam step on REINFORCE with the mean baseline,
+  ``loss = -(1/K) sum_k (R_k - mean_j R_j) sum_t log p(x^k_t | z_t)``, at the z the draws came from.
+
+So the first step samples around the greedy answer's latents, and a step whose draws all get the same reward
+leaves the gradient zero (Adam's momentum still moves z). Draw k of step s at position t of a problem uses the
+counter ``offset = key << 32 | ((s * K + k) * MAX_UPDATE_LENGTH + t)`` with ``key`` 31 bits of a hash of the
+problem's prompt ids: its noise depends on (seed, problem, step, sample, position) only, so batched == one by one.
+
 The stop token rule: if the new prefix x' contains a stop token, the answer ends at the first one (inclusive) and
 nothing is generated after it: the model would end its turn there, and text after an end-of-turn is not part of
 the answer. (The original kept decoding past it.)
+
+Hidden-state rewards (:class:`~latentseek.rewards.HiddenStateReward`, e.g. the confidence reward) get, for each
+answer, the state behind each of its tokens: the first generation's for answer[:start], the latents z for the
+optimised prefix (x = argmax or a draw of lm_head(z)), the continuation's own; no model work is added for them.
 
 What is not wasted here. The gradient is ``latentseek_ext.lm_head_policy_grad`` (one pass over the vocabulary, no
 autograd through the model or the LM head). Since the gradient is linear in R, the op runs once per step at the
@@ -33,6 +55,7 @@ call), and a problem leaves the batch as soon as it is solved.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -45,14 +68,14 @@ import latentseek_ext
 from latentseek_ext import acc_dtype
 
 from .chat import Prompt, as_messages, build_prompt_ids, question_text, stop_token_ids
-from .config import LatentSeekConfig, answer_token_bound, update_length
+from .config import MAX_UPDATE_LENGTH, LatentSeekConfig, answer_token_bound, update_length
 from .context import ContextNeed, model_context_length, truncate_middle
 from .errors import ConfigError, ContextLengthError
 from .generation import Generation, extend
 from .kv_cache import PrefixCache
 from .model import ModelAdapter
 from .progress import ProgressCallback, enter_phase, reporting
-from .rewards import RewardLike, as_reward, evaluate
+from .rewards import HiddenStateReward, RewardLike, Score, as_reward, evaluate
 
 PHASES = ("generate", "reward", "update")
 
@@ -81,6 +104,12 @@ class Result:
             ``context_policy="clamp-new-tokens"`` lowered it to fit the model's context).
         question_tokens_cut: tokens cut from the middle of the question by ``context_policy="truncate-question"``
             (0: the question is whole).
+        sample_rewards: with ``samples = K > 1``, the K draws' rewards of each step (``rewards[i]`` is the best of
+            ``sample_rewards[i - 1]``); empty for K = 1.
+        scored_details: the details of every answer the reward scored, in order (for K = 1 the same as
+            ``reward_details``; for K > 1 each distinct draw's too), e.g. to count verifier tokens.
+        generated_by_step: ``generated_tokens`` as it stood when each answer was complete (the last equals it).
+        scored_by_step: how many of ``scored_details`` existed when each answer was complete.
     """
 
     question: str
@@ -98,6 +127,10 @@ class Result:
     time: dict[str, float]
     max_new_tokens: int
     question_tokens_cut: int
+    sample_rewards: list[list[float]] = field(default_factory=list)
+    scored_details: list[Mapping[str, Any]] = field(default_factory=list)
+    generated_by_step: list[int] = field(default_factory=list)
+    scored_by_step: list[int] = field(default_factory=list)
 
     @property
     def initial_answer(self) -> str:
@@ -141,6 +174,13 @@ class _Search:
     generated: int = 0
     prefilled: int = 0
     time: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    first_hidden: torch.Tensor | None = None  # the first answer's hidden states (hidden-state rewards only)
+    draws: list[list[int]] = field(default_factory=list)  # K > 1: the K prefixes drawn from z
+    draw_directions: torch.Tensor | None = None  # K > 1: -d log p(x^k | z) / dz, [K, L, H]
+    sample_rewards: list[list[float]] = field(default_factory=list)
+    scored_details: list[Mapping[str, Any]] = field(default_factory=list)
+    generated_by_step: list[int] = field(default_factory=list)
+    scored_by_step: list[int] = field(default_factory=list)
 
 
 class LatentSeek:
@@ -170,6 +210,7 @@ class LatentSeek:
         self.config = config or LatentSeekConfig()
         self.stop_ids = stop_token_ids(tokenizer, self.adapter)
         self.context = model_context_length(self.adapter, tokenizer)
+        self.needs_hidden = isinstance(self.reward, HiddenStateReward)
         if self.config.impl == "ext" and not latentseek_ext.extension_available(self.adapter.device):
             raise ConfigError(
                 f"LatentSeekConfig.impl='ext' but latentseek_ext has no compiled kernel for {self.adapter.device}; "
@@ -230,12 +271,17 @@ class LatentSeek:
         active = self._init_latents(searches)
         optimizer = torch.optim.Adam([s.z for s in active], lr=self.config.lr) if active else None
         while active:
-            self._update(active, optimizer)
-            self._decode(active)
-            self._reward(active)
+            if self.config.samples == 1:
+                self._update(active, optimizer)
+                self._reward(active, self._decode(active))
+            else:
+                self._draw(active)
+                self._decode_draws(active)
             announce(active)
             report(sum(not self._searching(s) for s in searches))
             active = [s for s in active if self._searching(s)]
+            if active and self.config.samples > 1:
+                self._update_draws(active, optimizer)
         report(len(searches), close=True)
         return [self._result(s) for s in searches]
 
@@ -353,7 +399,10 @@ class LatentSeek:
         for s, tokens, hidden, cache in zip(searches, gen.tokens, gen.hidden, gen.prefixes, strict=True):
             s.answers.append(tokens)
             s.generated += len(tokens)
+            s.generated_by_step.append(s.generated)
             s.prefilled += len(s.prompt)
+            if self.needs_hidden:
+                s.first_hidden = hidden
             L = update_length(len(tokens), self.config.rho, start)
             if L > 0:
                 s.kept, s.cache = tokens[:start], cache
@@ -361,19 +410,44 @@ class LatentSeek:
                 # are not rounded away in bfloat16; the LM head reads z cast to the model dtype.
                 s.z = torch.nn.Parameter(hidden[start : start + L].to(acc_dtype(self.adapter.dtype)).clone())
 
-    def _reward(self, searches: list[_Search]) -> None:
-        """Step 2: R for the latest answer of each problem, all in one reward call."""
-        with self._timed(searches, "reward"):
-            texts = [self.tokenizer.decode(s.answers[-1], skip_special_tokens=True) for s in searches]
-            scores = evaluate(self.reward, [s.question for s in searches], texts, [s.gold for s in searches])
+    def _reward(self, searches: list[_Search], hidden: list[torch.Tensor] | None = None) -> None:
+        """Step 2: R for the latest answer of each problem, all in one reward call (`hidden`: the answers' states,
+        for a hidden-state reward; None: the first answers, whose states are kept in ``first_hidden``)."""
+        if self.needs_hidden and hidden is None:
+            hidden = [s.first_hidden for s in searches]
+        scores = self._score(searches, searches, [s.answers[-1] for s in searches], hidden)
         for s, score in zip(searches, scores, strict=True):
             s.rewards.append(score.value)
             s.details.append(score.details)
+            s.scored_by_step.append(len(s.scored_details))
+
+    def _score(
+        self,
+        timed: list[_Search],
+        owners: list[_Search],
+        answers: list[list[int]],
+        hidden: list[torch.Tensor] | None,
+    ) -> list[Score]:
+        """The scores of `answers` (``answers[i]`` belongs to ``owners[i]``) in one reward call, timed as the reward
+        phase of the problems `timed`; every score is also kept in its owner's ``scored_details``."""
+        with self._timed(timed, "reward"):
+            texts = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
+            scores = evaluate(self.reward, [s.question for s in owners], texts, [s.gold for s in owners], hidden)
+        for s, score in zip(owners, scores, strict=True):
+            s.scored_details.append(score.details)
+        return scores
+
+    def _answer_hidden(self, s: _Search, prefix: int, continuation: torch.Tensor | None) -> torch.Tensor:
+        """The states behind an answer answer[:start] + prefix tokens + continuation (see the module docstring)."""
+        parts = [s.first_hidden[: len(s.kept)], s.z.detach()[:prefix].to(self.adapter.dtype)]
+        if continuation is not None:
+            parts.append(continuation)
+        return torch.cat(parts)
 
     def _init_latents(self, searches: list[_Search]) -> list[_Search]:
         """Step 3: the problems that need optimising, with x = argmax lm_head(z) and its log-prob gradient."""
         active = [s for s in searches if self._searching(s)]
-        if active:
+        if active and self.config.samples == 1:
             with self._timed(active, "update"):
                 self._policy(active)
         return active
@@ -401,10 +475,12 @@ class LatentSeek:
                 s.steps += 1
             self._policy(searches)
 
-    def _decode(self, searches: list[_Search]) -> None:
-        """Step 4b: answer[:start] + x' + the greedy continuation after it (none if x' contains a stop token)."""
+    def _decode(self, searches: list[_Search]) -> list[torch.Tensor] | None:
+        """Step 4b: answer[:start] + x' + the greedy continuation after it (none if x' contains a stop token).
+        Returns the new answers' hidden states for a hidden-state reward (else None)."""
         stop = set(self.stop_ids)
         rows, continued = [], []
+        hidden: dict[int, torch.Tensor] = {}
         for s in searches:
             cut = next((i for i, t in enumerate(s.prefix) if t in stop), None)
             if cut is None:
@@ -412,12 +488,107 @@ class LatentSeek:
                 continued.append(s)
             else:
                 s.answers.append(s.kept + s.prefix[: cut + 1])
+                s.generated_by_step.append(s.generated)
+                if self.needs_hidden:
+                    hidden[id(s)] = self._answer_hidden(s, cut + 1, None)
         with self._timed(searches, "generate"):
-            gen = self._extend(continued, rows) if rows else None
+            gen = self._extend(continued, rows, return_hidden=self.needs_hidden) if rows else None
         for i, s in enumerate(continued):
             s.answers.append(s.kept + s.prefix + gen.tokens[i])
             s.generated += len(gen.tokens[i])
+            s.generated_by_step.append(s.generated)
             s.prefilled += len(s.prefix)
+            if self.needs_hidden:
+                hidden[id(s)] = self._answer_hidden(s, len(s.prefix), gen.hidden[i])
+        return [hidden[id(s)] for s in searches] if self.needs_hidden else None
+
+    # --- K samples -------------------------------------------------------------------------------------------------
+
+    def _offsets(self, s: _Search) -> torch.Tensor:
+        """The sampler's counter of every draw of the problem's next step, ``[K * L]`` (see the module docstring)."""
+        K, L = self.config.samples, s.z.shape[0]
+        key = int.from_bytes(hashlib.sha256(repr(s.prompt).encode()).digest()[:4], "little") >> 1
+        index = (s.steps * K + torch.arange(K)[:, None]) * MAX_UPDATE_LENGTH + torch.arange(L)[None, :]
+        return (key << 32) + index.reshape(-1)
+
+    def _draw(self, searches: list[_Search]) -> None:
+        """K prefixes per problem from its latents, and -d log p / dz of each draw: one fused-op call for all."""
+        K = self.config.samples
+        with self._timed(searches, "update"):
+            z = torch.cat([s.z.detach().repeat(K, 1) for s in searches]).to(self.adapter.dtype)
+            offsets = torch.cat([self._offsets(s) for s in searches]).to(z.device)
+            x, _, direction = latentseek_ext.lm_head_policy_grad(
+                z,
+                self.adapter.weight,
+                None,
+                bias=self.adapter.bias,
+                sample=True,
+                seed=self.config.seed,
+                offsets=offsets,
+                impl=self.config.impl,
+            )
+            sizes = [K * s.z.shape[0] for s in searches]
+            for s, xs, ds in zip(searches, x.split(sizes), direction.split(sizes), strict=True):
+                L = s.z.shape[0]
+                s.draws = [xs[k * L : (k + 1) * L].tolist() for k in range(K)]
+                s.draw_directions = ds.reshape(K, L, -1).to(s.z.dtype)
+
+    def _decode_draws(self, searches: list[_Search]) -> None:
+        """Each draw's answer (distinct prefixes decoded once, in one generation), their rewards (one call), and the
+        step's answer: the best-rewarded draw, the earliest among equals."""
+        stop = set(self.stop_ids)
+        rows, row_owner, answers, owners, hidden = [], [], [], [], []
+        which: dict[int, list[int]] = {}  # id(search) -> the distinct answer of each draw
+        pending: list[tuple[_Search, int, int]] = []  # (search, distinct answer index, prefix length) to continue
+        for s in searches:
+            seen: dict[tuple[int, ...], int] = {}
+            which[id(s)] = []
+            for prefix in s.draws:
+                cut = next((i for i, t in enumerate(prefix) if t in stop), None)
+                prefix = prefix if cut is None else prefix[: cut + 1]
+                if tuple(prefix) not in seen:
+                    seen[tuple(prefix)] = len(answers)
+                    answers.append(s.kept + prefix)
+                    owners.append(s)
+                    hidden.append(None)
+                    if cut is None:
+                        rows.append((s.cache, prefix))
+                        row_owner.append(s)
+                        pending.append((s, len(answers) - 1, len(prefix)))
+                        s.prefilled += len(prefix)
+                    elif self.needs_hidden:
+                        hidden[-1] = self._answer_hidden(s, len(prefix), None)
+                which[id(s)].append(seen[tuple(prefix)])
+        with self._timed(searches, "generate"):
+            gen = self._extend(row_owner, rows, return_hidden=self.needs_hidden) if rows else None
+        for j, (s, a, n) in enumerate(pending):
+            answers[a] = answers[a] + gen.tokens[j]
+            s.generated += len(gen.tokens[j])
+            if self.needs_hidden:
+                hidden[a] = self._answer_hidden(s, n, gen.hidden[j])
+        scores = self._score(searches, owners, answers, hidden if self.needs_hidden else None)
+        for s in searches:
+            draw_scores = [scores[a] for a in which[id(s)]]
+            values = [d.value for d in draw_scores]
+            best = max(range(len(values)), key=lambda k: (values[k], -k))
+            s.answers.append(answers[which[id(s)][best]])
+            s.rewards.append(values[best])
+            s.details.append(draw_scores[best].details)
+            s.sample_rewards.append(values)
+            s.scored_by_step.append(len(s.scored_details))
+            s.steps += 1
+            s.generated_by_step.append(s.generated)
+
+    def _update_draws(self, searches: list[_Search], optimizer: torch.optim.Optimizer) -> None:
+        """One Adam step per problem on REINFORCE with the mean baseline over its K draws (see the module docstring)."""
+        with self._timed(searches, "update"):
+            for s in searches:
+                s.z.grad = reinforce_gradient(s.sample_rewards[-1], s.draw_directions)
+                if self.config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_([s.z], self.config.grad_clip)
+            optimizer.step()
+            for s in searches:
+                s.z.grad = None
 
     def _result(self, s: _Search) -> Result:
         final = max(range(len(s.rewards)), key=lambda i: (s.rewards[i], -i)) if self.config.keep_best else -1
@@ -438,6 +609,10 @@ class LatentSeek:
             time=s.time,
             max_new_tokens=s.max_new,
             question_tokens_cut=s.cut,
+            sample_rewards=s.sample_rewards,
+            scored_details=s.scored_details,
+            generated_by_step=s.generated_by_step,
+            scored_by_step=s.scored_by_step,
         )
 
     @contextmanager
@@ -453,6 +628,27 @@ class LatentSeek:
         share = (time.perf_counter() - t0) / max(1, len(searches))
         for s in searches:
             s.time[phase] += share
+
+
+def reinforce_gradient(rewards: Sequence[float], directions: torch.Tensor) -> torch.Tensor:
+    """The gradient in z of REINFORCE with the mean baseline over K draws,
+    ``loss = -(1/K) sum_k (R_k - mean_j R_j) sum_t log p(x^k_t | z_t)``, i.e. ``(1/K) sum_k (R_k - mean R) d_k``.
+
+    Args:
+        rewards: R_k, one per draw (K of them).
+        directions: ``[K, L, H]``, ``d_k = -d log p(x^k | z) / dz`` (what the fused op returns with reward 1).
+
+    Returns:
+        ``[L, H]`` in the directions' dtype; zero when all K rewards are equal.
+    """
+    if directions.dim() != 3 or directions.shape[0] != len(rewards):
+        raise ValueError(
+            f"reinforce_gradient: directions must be [K, L, H] with K = {len(rewards)} rewards, "
+            f"got shape {list(directions.shape)}"
+        )
+    r = torch.tensor(list(rewards), dtype=torch.float64)
+    advantage = ((r - r.mean()) / len(rewards)).to(directions.dtype).to(directions.device)
+    return torch.einsum("k,klh->lh", advantage, directions)
 
 
 _CONTEXT_HINT = (

@@ -13,6 +13,14 @@ problem before any model work (:meth:`~latentseek.loop.LatentSeek.check_context`
   each answer; every check that does not end in an explicit ``Verdict: True`` costs its weight:
   ``R = -(sum of failed weights + format_penalty * [format rule failed]) / (sum of weights)``.
 - :class:`OracleReward`: 0 when the answer's final value matches the gold answer, else -1 (PSRM).
+- :class:`ConfidenceReward`: an intrinsic reward from the answer's own token distributions (no verifier, no gold):
+  ``R = -log(k) / C`` with ``C`` the mean over the answer's positions of the mean negative log-probability of the
+  k most likely tokens (LTPO's confidence); see the class for its definition, scale and cost.
+
+A reward that reads the answer's hidden states instead of its text is a :class:`HiddenStateReward`
+(``score_hidden(hidden) -> list[Score]``): :class:`~latentseek.loop.LatentSeek` passes it, for each answer, the
+last-layer hidden state behind every answer token (``lm_head(hidden[t])`` is the distribution token t was chosen
+from), and :func:`evaluate` checks its output like any other reward's.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+import latentseek_ext
 
 from .chat import build_prompt_ids, stop_token_ids
 from .context import ContextNeed, model_context_length
@@ -69,12 +79,21 @@ class CallableReward:
         return out
 
 
-RewardLike = BatchReward | Callable[..., float | Score]
+@runtime_checkable
+class HiddenStateReward(Protocol):
+    def score_hidden(self, hidden: Sequence[torch.Tensor]) -> list[Score]:
+        """One :class:`Score` per answer from its ``[n_i, H]`` hidden states (row t: the last-layer state whose
+        LM-head distribution answer token t was chosen from)."""
+        ...
 
 
-def as_reward(reward: RewardLike) -> BatchReward:
-    """A :class:`BatchReward` as is; any other callable wrapped in :class:`CallableReward`."""
-    if isinstance(reward, BatchReward):
+RewardLike = BatchReward | HiddenStateReward | Callable[..., float | Score]
+
+
+def as_reward(reward: RewardLike) -> BatchReward | HiddenStateReward:
+    """A :class:`BatchReward` or :class:`HiddenStateReward` as is; any other callable wrapped in
+    :class:`CallableReward`."""
+    if isinstance(reward, (BatchReward, HiddenStateReward)):
         return reward
     if callable(reward):
         return CallableReward(reward)
@@ -93,10 +112,26 @@ def _as_float(value: Any) -> float:
 
 
 def evaluate(
-    reward: BatchReward, questions: Sequence[str], answers: Sequence[str], golds: Sequence[str | None]
+    reward: BatchReward | HiddenStateReward,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    golds: Sequence[str | None],
+    hidden: Sequence[torch.Tensor] | None = None,
 ) -> list[Score]:
-    """Score the answers and check the result: one finite value per answer, else ValueError."""
-    scores = reward.score(list(questions), list(answers), list(golds))
+    """Score the answers and check the result: one finite value per answer, else ValueError.
+
+    A :class:`HiddenStateReward` gets `hidden` (one ``[n_i, H]`` tensor per answer; required for it), any other
+    reward the texts.
+    """
+    if isinstance(reward, HiddenStateReward):
+        if hidden is None or len(hidden) != len(answers):
+            got = "none" if hidden is None else f"{len(hidden)}"
+            raise ValueError(
+                f"{type(reward).__name__} needs the hidden states of the {len(answers)} answers, got {got}"
+            )
+        scores = reward.score_hidden(list(hidden))
+    else:
+        scores = reward.score(list(questions), list(answers), list(golds))
     if not isinstance(scores, (list, tuple)) or len(scores) != len(answers):
         got = len(scores) if isinstance(scores, (list, tuple)) else type(scores).__name__
         raise ValueError(f"the reward returned {got} scores for {len(answers)} answers")
@@ -301,3 +336,75 @@ class OracleReward:
                 raise ValueError(f"OracleReward needs a gold answer, problem {i} has none")
             out.append(Score(0.0 if judge(answer, gold) else -1.0))
         return out
+
+
+# --- confidence ------------------------------------------------------------------------------------------------------
+
+#: How many of each position's most likely tokens the confidence averages over (the op allows up to 32).
+CONFIDENCE_TOPK = 10
+
+
+class ConfidenceReward:
+    r"""An intrinsic reward from the answer's own token distributions: no verifier generations, no gold answer.
+
+    For answer position t with LM-head distribution ``p_t = softmax(lm_head(h_t))`` (h_t: the hidden state the
+    answer's token t was chosen from) and its k largest probabilities ``p_t^(1) >= ... >= p_t^(k)``:
+
+        c_t = -(1/k) sum_{j<=k} log p_t^(j)          (the confidence of position t; c_t >= log k)
+        C   = (1/n) sum_{t<n} c_t                      (the answer's confidence, over its n tokens)
+        R   = -log(k) / C                              (the reward, in [-1, 0))
+
+    ``c_t`` is LTPO's confidence (Ye, Liang and Shan 2025, "Thinking on the Fly: Test-Time Reasoning Enhancement
+    via Latent Thought Policy Optimization", arXiv 2510.04182: the reward is the mean negative log-probability of
+    the top-k tokens, averaged over positions). We differ in where and how it is used: LTPO averages it over the
+    positions of its latent thought tokens, which it optimises with a Gaussian-perturbation policy; here it is
+    averaged over the answer's tokens (the kept ones, the optimised prefix, the continuation) and enters
+    LatentSeek's REINFORCE update as the reward. And we map it to the loop's scale: the paper's rewards are <= 0
+    with 0 the best (the oracle's 0 / -1, the self-reward's minus the failed fraction of the checks) and a
+    threshold of -0.2. By Jensen's inequality ``c_t >= log k``, with equality exactly when p_t spreads all its mass
+    evenly over k tokens (the least confident a position can be under this measure), and c_t grows without bound
+    as p_t concentrates on one token (its other top-k log-probabilities go to -inf). So ``R = -log(k) / C`` is -1
+    for an answer whose every position is evenly torn between k tokens and tends to 0 as the answer becomes
+    certain; the default threshold -0.2 then asks for ``C > 5 log k`` (11.5 nats for k = 10), and the reward of
+    a step is comparable across answers of any length. ``Score.details``: ``confidence`` (C), ``tokens`` (n).
+
+    Cost: one call of :func:`latentseek_ext.lm_head_logprob` with ``topk=k`` over the answers' tokens of a whole
+    batch (a single pass over the LM head, no ``[n, V]`` logits kept), and no model forward: the loop passes the
+    hidden states it already has (the first generation's, the optimised latents, the continuation's).
+
+    Args:
+        model: the causal LM (or its :class:`~latentseek.model.ModelAdapter`): its LM head scores the states.
+        k: how many top tokens each position's confidence averages (2 <= k <= 32, at most the vocabulary; k = 1
+            would make log k, so every reward, 0).
+        impl: the op's implementation (``"auto"``, ``"ext"``, ``"reference"``).
+    """
+
+    def __init__(self, model: torch.nn.Module | ModelAdapter, *, k: int = CONFIDENCE_TOPK, impl: str = "auto") -> None:
+        self.adapter = ModelAdapter.of(model)
+        vocab = self.adapter.weight.shape[0]
+        if not (isinstance(k, int) and 2 <= k <= min(32, vocab)):
+            raise ValueError(f"ConfidenceReward.k must be an int in [2, {min(32, vocab)}], got {k!r}")
+        self.k = k
+        self.impl = impl
+
+    def confidence(self, hidden: Sequence[torch.Tensor]) -> list[float]:
+        """C of each answer (see the class), all answers in one op call."""
+        sizes = [h.shape[0] for h in hidden]
+        if any(n == 0 for n in sizes):
+            raise ValueError(f"ConfidenceReward: every answer needs at least one token, got lengths {sizes}")
+        z = torch.cat([h.to(self.adapter.dtype) for h in hidden])
+        with torch.no_grad():
+            *_, topk_logp, _ = latentseek_ext.lm_head_logprob(
+                z, self.adapter.weight, bias=self.adapter.bias, topk=self.k, impl=self.impl
+            )
+        per_position = -topk_logp.double().mean(-1)
+        return [c.mean().item() for c in per_position.split(sizes)]
+
+    def score_hidden(self, hidden: Sequence[torch.Tensor]) -> list[Score]:
+        if not hidden:
+            return []
+        log_k = math.log(self.k)
+        return [
+            Score(-log_k / c, {"confidence": c, "tokens": int(h.shape[0])})
+            for c, h in zip(self.confidence(hidden), hidden, strict=True)
+        ]

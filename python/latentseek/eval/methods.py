@@ -6,7 +6,8 @@
 - ``self-consistency``: N sampled answers, the most frequent final answer wins (answers the judge finds
   equivalent count together; ties go to the answer seen first).
 - ``latentseek``: the LatentSeek loop (:class:`~latentseek.loop.LatentSeek`) with the self-verification reward
-  (``self``) or the gold-answer reward (``oracle``).
+  (``self``), the gold-answer reward (``oracle``) or the answer's own confidence (``confidence``,
+  :class:`~latentseek.rewards.ConfidenceReward`); ``samples`` K > 1 draws K prefixes per step (see the loop).
 - ``slot``: SLOT (:class:`~latentseek.slot.Slot`): a vector per problem added to the final hidden states, fitted
   for a few AdamW steps to the prompt's own next-token loss, then kept while the greedy answer is generated.
 
@@ -48,7 +49,17 @@ from ..generation import Picker, extend, greedy_picker, sampling_picker
 from ..loop import AnswerCallback, LatentSeek, Result
 from ..model import ModelAdapter
 from ..progress import enter_phase
-from ..rewards import BOXED_FORMAT, BatchReward, OracleReward, RewardLike, SelfReward, as_reward, evaluate
+from ..rewards import (
+    BOXED_FORMAT,
+    BatchReward,
+    ConfidenceReward,
+    HiddenStateReward,
+    OracleReward,
+    RewardLike,
+    SelfReward,
+    as_reward,
+    evaluate,
+)
 from ..slot import Slot, SlotConfig
 from .data import Problem
 from .judge import answers_match, extract_answer, is_equivalent
@@ -64,7 +75,7 @@ from .record import (
 )
 
 #: The rewards a method can be given by name; a reward object given instead is recorded as ``custom``.
-RewardName = Literal["self", "oracle"]
+RewardName = Literal["self", "oracle", "confidence"]
 REWARDS: tuple[str, ...] = get_args(RewardName)
 CUSTOM_REWARD = "custom"
 
@@ -141,6 +152,11 @@ class RewardSettings(_Settings):
 @dataclass(frozen=True, kw_only=True)
 class BestOfNSettings(SamplingSettings, RewardSettings):
     n_candidates: int = 3  # as in the paper's baseline
+
+    def _check(self) -> None:
+        super()._check()
+        if self.reward == "confidence":
+            raise ConfigError("reward 'confidence' reads the hidden states of LatentSeek's loop: latentseek only")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,9 +312,9 @@ class MethodBase:
         _sync(self.adapter)
         return (time.perf_counter() - t0) / len(problems)
 
-    def _make_reward(self) -> BatchReward:
+    def _make_reward(self) -> BatchReward | HiddenStateReward:
         """The reward of ``settings.reward``: self-verification (with the boxed format rule for the boxed prompt),
-        the gold answer, or the reward object given."""
+        the gold answer, the answer's confidence (LatentSeek only), or the reward object given."""
         reward, settings = self.settings.reward, self.settings
         if not isinstance(reward, str):
             return as_reward(reward)
@@ -307,6 +323,8 @@ class MethodBase:
             return SelfReward(
                 self.adapter, self.tokenizer, max_new_tokens=settings.verifier_max_new_tokens, format_rule=rule
             )
+        if reward == "confidence":
+            return ConfidenceReward(self.adapter, impl=settings.config.impl)
         return OracleReward(answers_match)
 
 
@@ -478,6 +496,14 @@ class LatentSeekMethod(MethodBase):
     def config(self) -> LatentSeekConfig:
         return self.settings.config
 
+    @property
+    def knobs(self) -> dict[str, Any]:
+        """:attr:`MethodBase.knobs`, without ``seed`` when ``samples`` is 1 (nothing is sampled then)."""
+        knobs = super().knobs
+        if knobs["samples"] == 1:
+            del knobs["seed"]
+        return knobs
+
     def seek(self, problems: Sequence[Problem], on_answer: AnswerCallback | None = None) -> list[Result]:
         """The LatentSeek results of the problems (an empty gold answer is passed as none)."""
         return self.engine.solve_batch(
@@ -487,7 +513,9 @@ class LatentSeekMethod(MethodBase):
     def solve_batch(self, problems: Sequence[Problem]) -> list[LatentSeekRecord]:
         records = []
         for p, r in zip(problems, self.seek(problems), strict=True):
-            verifier = sum(int(d.get("verifier_tokens", 0)) for d in r.reward_details)
+            spent = [int(d.get("verifier_tokens", 0)) for d in r.scored_details]
+            verifier = sum(spent)
+            step_tokens = [g + sum(spent[:n]) for g, n in zip(r.generated_by_step, r.scored_by_step, strict=True)]
             records.append(
                 LatentSeekRecord(
                     **_judged(r.final_answer, p.gold),
@@ -504,6 +532,8 @@ class LatentSeekMethod(MethodBase):
                     generated_tokens=r.generated_tokens,
                     verifier_tokens=verifier,
                     step_predictions=[extract_answer(a) for a in r.answers],
+                    sample_rewards=r.sample_rewards,
+                    step_tokens=step_tokens,
                 )
             )
         return records
@@ -557,16 +587,17 @@ METHODS: tuple[str, ...] = tuple(METHOD_TABLE)
 KNOB_HELP: dict[str, str] = {
     "prompt": "solver prompt style",
     "max_new_tokens": "most tokens per answer / continuation",
-    "reward": "self-verification or the gold answer",
+    "reward": "self-verification, the gold answer, or (latentseek) the answer's own confidence",
     "verifier_max_new_tokens": "most tokens per self-verification",
     "n_candidates": "candidates (bon) / samples (self-consistency)",
     "temperature": "sampling temperature",
     "top_p": "sampling nucleus mass",
-    "seed": "sampling seed",
+    "seed": "sampling seed (latentseek: of the --samples draws)",
     "rho": "fraction of the answer's latents optimised",
     "lr": "Adam learning rate on the latents (latentseek) / on delta (slot)",
     "steps": "AdamW steps on each problem's delta over its prompt",
     "max_steps": "most optimiser steps",
+    "samples": "prefixes drawn from the latents per step (1: the paper's argmax; K > 1: REINFORCE, mean baseline)",
     "reward_threshold": "stop once the reward is above this",
     "start_index": "first answer token whose latent is optimised",
     "grad_clip": "clip each problem's gradient to this L2 norm",

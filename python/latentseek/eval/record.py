@@ -218,13 +218,20 @@ class LatentSeekRecord(Record):
     # judge the answer the loop would have returned under any smaller step budget. Empty in runs recorded before
     # the field existed.
     step_predictions: list[str | None] = field(default_factory=list)
+    # With --samples K > 1, the K draws' rewards of each step (rewards[i] is the best of sample_rewards[i - 1]);
+    # empty for K = 1.
+    sample_rewards: list[list[float]] = field(default_factory=list)
+    # `tokens` as they stood when each answer was complete (answers, continuations and verifications so far), so
+    # that the report can put the step budget on a token axis. Empty in runs recorded before the field existed.
+    step_tokens: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """As :meth:`Record.to_json`; an empty ``step_predictions`` (an older record) is left out, so its line
-        writes back unchanged."""
+        """As :meth:`Record.to_json`; an empty ``step_predictions``, ``sample_rewards`` or ``step_tokens`` (an older
+        record, or K = 1) is left out, so its line writes back unchanged."""
         data = super().to_json()
-        if not self.step_predictions:
-            del data["step_predictions"]
+        for name in ("step_predictions", "sample_rewards", "step_tokens"):
+            if not data[name]:
+                del data[name]
         return data
 
 

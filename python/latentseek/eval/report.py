@@ -198,6 +198,24 @@ def budget_curve(run: Run) -> tuple[list[int], list[float]] | None:
     return budgets, accuracy_at_budgets(run.records, budgets, keep_best, oracle)
 
 
+def budget_token_curve(run: Run) -> tuple[list[float], list[float]] | None:
+    """(mean tokens per problem, accuracy) at each step budget 0..max_steps of a LatentSeek run: the budget curve
+    of :func:`budget_curve` with the tokens the capped loop would have spent on its x axis. A record's tokens at
+    budget k are its ``step_tokens[min(k, iterations)]`` (the capped loop takes the recorded run's first steps);
+    failed and skipped problems count with their 0 tokens, as in the table, so the full budget's point is the
+    table's tokens / problem and accuracy. None when `budget_curve` is None or a record has no ``step_tokens``
+    (runs recorded before they existed)."""
+    curve = budget_curve(run)
+    if curve is None:
+        return None
+    ok = [s.record for s in run.records if s.record.status == "ok"]
+    if not all(isinstance(r, LatentSeekRecord) and len(r.step_tokens) == r.iterations + 1 for r in ok):
+        return None
+    n = len(run.records)
+    tokens = [sum(r.step_tokens[min(k, r.iterations)] for r in ok) / n for k in curve[0]]
+    return tokens, curve[1]
+
+
 def is_latentseek_run(run: Run) -> bool:
     return any(isinstance(s.record, LatentSeekRecord) for s in run.records)
 
@@ -305,14 +323,29 @@ def plot_budget(runs: Sequence[Run], stats: Sequence[RunStats], path: Path) -> l
     return missing
 
 
-def plot_tokens(stats: Sequence[RunStats], path: Path) -> None:
-    """One labelled point per run: (mean generated tokens per problem, accuracy); log-x when they span 10x."""
+def plot_tokens(runs: Sequence[Run], stats: Sequence[RunStats], path: Path) -> None:
+    """One labelled point per run: (mean generated tokens per problem, accuracy); for a LatentSeek run that records
+    its tokens per step, the line through its step budgets 0..max_steps (:func:`budget_token_curve`), which ends at
+    that point. Log-x when the tokens span 10x."""
     fig, ax = _figure()
-    points = [s for s in stats if s.problems and not math.isnan(s.tokens_per_problem)]
-    for s in points:
+    points = [
+        (run, s) for run, s in zip(runs, stats, strict=True) if s.problems and not math.isnan(s.tokens_per_problem)
+    ]
+    tokens = []
+    for run, s in points:
         x, y = s.tokens_per_problem, 100 * s.accuracy
-        ax.plot([x], [y], marker="o", linestyle="none", label=s.label)  # a legend, as labels beside points overlap
-    tokens = [s.tokens_per_problem for s in points]
+        curve = budget_token_curve(run)
+        if curve is None:  # a legend, as labels beside points overlap
+            ax.plot([x], [y], marker="o", linestyle="none", label=s.label)
+        else:
+            ax.plot(
+                curve[0],
+                [100 * a for a in curve[1]],
+                marker="o",
+                label=f"{s.label}, step budget 0..{len(curve[0]) - 1}",
+            )
+            tokens += curve[0]
+        tokens.append(x)
     if tokens and min(tokens) > 0 and max(tokens) / min(tokens) >= 10:
         ax.set_xscale("log")
     if points:
@@ -365,7 +398,7 @@ def report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None) ->
         plot_rewards(runs, stats, plots[1])
         plot_iterations(runs, stats, plots[2])
         missing = plot_budget(runs, stats, plots[3])
-        plot_tokens(stats, plots[4])
+        plot_tokens(runs, stats, plots[4])
         if missing:
             note += (
                 f"The step-budget curve leaves out {', '.join(missing)}: recorded without the per-step answers "
