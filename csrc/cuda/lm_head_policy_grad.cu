@@ -8,8 +8,9 @@
 //
 // 1. fused_mma_kernel (fused_mma.cuh): bf16 / fp16 on the tensor cores, one pass over W.
 // 2. fused_simt_kernel (simt.cuh): fp32 / fp64, and the bf16 / fp16 inputs the tensor cores cannot take.
-// 3. chunked (chunked.cuh): bf16 / fp16 with many rows, cuBLAS products around a per-chunk row kernel.
-// merge_splits_kernel (merge.cuh) merges the vocabulary splits of kernels 1 and 2 and finishes kernel 3's rows.
+// 3. chunked (chunked.cuh): bf16 / fp16 with many rows, cuBLAS products around a per-chunk row kernel, and its
+//    finish kernel.
+// merge_splits_kernel (merge.cuh) merges the vocabulary splits of the fused kernels.
 // This file holds the launchers: kernel and grid choice, buffers, the stream, the device entry and registration.
 //
 // Non-finite logits follow the CPU kernel (latentseek_ext/ops.py): NaN never enters the running max (fmaxf),
@@ -25,6 +26,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -190,50 +192,101 @@ void run_simt(const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cudaStr
                                z, out, stream);
 }
 
-#if LS_HAVE_MM_OUT_DTYPE
+// out = a b, or out += a b (accumulate), in the accumulation dtype (fp32 for bf16 / fp16 operands).
 template <typename scalar_t>
+void chunk_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  if constexpr (std::is_same<scalar_t, at::BFloat16>::value || std::is_same<scalar_t, at::Half>::value) {
+#if LS_HAVE_MM_OUT_DTYPE
+    if (!accumulate) {
+      at::mm_out(out, a, b, at::kFloat);
+      return;
+    }
+    // beta = 1 straight into the fp32 buffer. Some torch releases refuse addmm's out_dtype with an fp32 `self`
+    // ("self and mat2 must have the same dtype"), before any work: those take a product and an add from then on.
+    static std::atomic<bool> addmm_into_fp32{true};
+    if (addmm_into_fp32.load(std::memory_order_relaxed)) {
+      try {
+        at::addmm_out(out, out, a, b, at::kFloat, 1, 1);
+        return;
+      } catch (const c10::Error&) {
+        addmm_into_fp32.store(false, std::memory_order_relaxed);
+      }
+    }
+    out.add_(at::mm(a, b, at::kFloat));
+#else
+    LS_CHECK(false, "the chunked CUDA path needs torch >= 2.8 (at::mm with out_dtype) for bfloat16 / float16 inputs");
+#endif
+  } else if (accumulate) {
+    out.addmm_(a, b);  // fp32 follows torch's TF32 setting for matmuls (off by default)
+  } else {
+    at::mm_out(out, a, b);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
 void run_chunked(const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cudaStream_t stream) {
   const bool with_grad = out.grad.defined();
   const int64_t N = p.N, H = p.H, V = p.V;
-  const int64_t vc = chunk_len(N, H, V);  // L (fp32) and P (16-bit): N * vc * 6 bytes, O(N*H)
-  const auto f32 = z.options().dtype(at::kFloat);
-  at::Tensor logits = at::empty({N * vc}, f32);
-  at::Tensor probs = with_grad ? at::empty({N * vc}, z.options()) : at::Tensor();
-  at::Tensor prev = with_grad ? at::empty({N, H}, f32) : at::Tensor();  // T = P_{c-1} W_{c-1}
-  if (with_grad) out.grad.zero_();
-  at::Tensor state = at::empty({N * static_cast<int64_t>(sizeof(RowState<float>))}, z.options().dtype(at::kByte));
+  const int device = z.get_device();
+  const auto rows_kernel = chunk_rows_kernel<scalar_t, acc_t, false>;
+  // A row of L lives in shared memory: at most half of the per-block limit, so that two blocks share an SM.
+  const size_t smem_cap = static_cast<size_t>(device_info(device).smem_per_block_optin - 4096) / 2 / 1024 * 1024;
+  LS_CHECK(ctas_per_sm(reinterpret_cast<const void*>(rows_kernel), kChunkThreads, smem_cap, device) > 0,
+           "lm_head_policy_grad: the chunked row kernel does not fit on this GPU (", smem_cap,
+           " bytes of shared memory per block)");
+  // L and P take chunk_len's budget of N * len * 6 bytes, counted in their own types' bytes.
+  const int64_t elem_bytes = static_cast<int64_t>(sizeof(acc_t) + (with_grad ? sizeof(scalar_t) : 0));
+  const int64_t budget_len = std::max<int64_t>(4, chunk_len(N, H, V) * 6 / elem_bytes);
+  const ChunkPlan plan = plan_chunks(V, std::min<int64_t>(budget_len, smem_cap / sizeof(acc_t)));
+  at::Tensor logits = at::empty({N * plan.len}, z.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  at::Tensor probs = with_grad ? at::empty({N * plan.len}, z.options()) : at::Tensor();
+  at::Tensor state = at::empty({N * static_cast<int64_t>(sizeof(ChunkState<acc_t>))}, z.options().dtype(at::kByte));
 
-  for (int64_t c0 = 0; c0 < V; c0 += vc) {
-    const int64_t cur = std::min(vc, V - c0);
+  ChunkArgs<scalar_t, acc_t> a{};
+  a.N = static_cast<int>(N);
+  a.V = static_cast<int>(V);
+  a.H = H;
+  a.bias = p.bias.defined() ? p.bias.data_ptr<scalar_t>() : nullptr;
+  a.tokens = p.tokens.defined() ? p.tokens.data_ptr<int64_t>() : nullptr;
+  a.state = reinterpret_cast<ChunkState<acc_t>*>(state.data_ptr());
+  a.p = with_grad ? probs.data_ptr<scalar_t>() : nullptr;
+  a.o = with_grad ? out.grad.data_ptr<acc_t>() : nullptr;
+  a.temperature = acc_t(1);
+  for (int64_t c = 0; c < plan.count; ++c) {
+    const int64_t c0 = c * plan.len, cur = std::min(plan.len, V - c0);
     const at::Tensor wc = p.weight.narrow(0, c0, cur);
     at::Tensor l = logits.narrow(0, 0, N * cur).view({N, cur});
-    at::mm_out(l, z, wc.t(), at::kFloat);
-    ChunkArgs<scalar_t> a{};
-    a.logits = l.data_ptr<float>();
-    a.vc = static_cast<int>(cur);
+    chunk_gemm<scalar_t>(l, z, wc.t(), /*accumulate=*/false);
+    a.logits = l.data_ptr<acc_t>();
+    a.len = static_cast<int>(cur);
     a.v0 = static_cast<int>(c0);
-    a.N = static_cast<int>(N);
-    a.V = static_cast<int>(V);
-    a.H = H;
-    a.bias = p.bias.defined() ? p.bias.data_ptr<scalar_t>() : nullptr;
-    a.tokens = p.tokens.defined() ? p.tokens.data_ptr<int64_t>() : nullptr;
-    a.state = reinterpret_cast<RowState<float>*>(state.data_ptr());
-    a.first = c0 == 0;
-    a.p = with_grad ? probs.data_ptr<scalar_t>() : nullptr;
-    a.o = with_grad ? out.grad.data_ptr<float>() : nullptr;
-    a.t = with_grad ? prev.data_ptr<float>() : nullptr;
-    chunk_rows_kernel<scalar_t><<<static_cast<unsigned>(N), kChunkThreads, 0, stream>>>(a);
+    a.first = c == 0;
+    const size_t smem = static_cast<size_t>((cur + 3) / 4 * 4) * sizeof(acc_t);  // the row, whole groups of 4
+    rows_kernel<<<static_cast<unsigned>(N), kChunkThreads, smem, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (with_grad) {
       at::Tensor pc = probs.narrow(0, 0, N * cur).view({N, cur});
-      at::mm_out(prev, pc, wc, at::kFloat);
+      chunk_gemm<scalar_t>(out.grad, pc, wc, /*accumulate=*/c > 0);  // chunk 0: beta = 0, no zero fill
     }
   }
-  if (with_grad) out.grad.add_(prev);  // the last chunk's product, relative to the final max
-  launch_merge<scalar_t, float>(1, state, with_grad ? out.grad : at::Tensor(), 1.f / Tc<scalar_t>::kPScale, p, out,
-                                stream);
+
+  ChunkFinishArgs<scalar_t, acc_t> f{};
+  f.state = a.state;
+  f.o = a.o;
+  f.acc_scale = acc_t(1) / acc_t(p_scale<scalar_t>());
+  f.w = p.weight.data_ptr<scalar_t>();
+  f.tokens = a.tokens;
+  f.reward = row_reward<acc_t>(p);
+  f.N = a.N;
+  f.V = a.V;
+  f.H = H;
+  f.temperature = acc_t(1);
+  f.tokens_out = out.tokens.data_ptr<int64_t>();
+  f.logp_out = out.logp.data_ptr<acc_t>();
+  f.grad_out = a.o;
+  chunk_finish_kernel<scalar_t, acc_t><<<static_cast<unsigned>(N), kChunkFinishThreads, 0, stream>>>(f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-#endif
 
 struct Plan {
   Kernel kernel;
@@ -285,9 +338,7 @@ void run_cuda(const LmHeadProblem& p, Outputs& out) {
       if (plan.tiles == MmaTiles::kSmall) return run_mma<MmaTileSmall, scalar_t>(p, z, out, stream);
       return run_mma<MmaTileLarge, scalar_t>(p, z, out, stream);
     }
-#if LS_HAVE_MM_OUT_DTYPE
-    if (plan.kernel == Kernel::kChunked) return run_chunked<scalar_t>(p, z, out, stream);
-#endif
+    if (plan.kernel == Kernel::kChunked) return run_chunked<scalar_t, float>(p, z, out, stream);
   }
   run_simt<scalar_t, acc_t>(p, z, out, stream);
 }
