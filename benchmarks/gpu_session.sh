@@ -6,25 +6,30 @@
 #   PLAN_ONLY=1 bash benchmarks/gpu_session.sh OUTDIR      (prints the stages and their time limits, runs nothing)
 #
 # Stages, in order of value (default: all), each under its own time limit (seconds, LIMIT_<stage> overrides) and
-# all of them under BUDGET (default 470 s: a stage gets what is left when that is less than its own limit, and is
+# all of them under BUDGET (default 480 s: a stage gets what is left when that is less than its own limit, and is
 # skipped when that is under 15 s). A failed stage does not stop the later ones. All output goes under OUTDIR.
 #   env        10  device, driver, toolkit and torch versions                                  -> env.txt
-#   wheels     15  pip-installs .whl/*.whl offline where .whl/ exists (Liger, Cut CE for the benchmark; see
+#   wheels     10  pip-installs .whl/*.whl offline where .whl/ exists (Liger, Cut CE for the benchmark; see
 #                  benchmarks/fetch_gpu_wheels.sh), keeping what is already importable            -> wheels.log
-#   build     145  latentseek_ext._C in place for this GPU's arch (TORCH_CUDA_ARCH_LIST overrides), and a check
-#                  that the CUDA kernel registered                                               -> build.log
-#   test      100  the whole CUDA suite: tests/test_op_cuda.py (every kernel path, the small-shared-memory tiles,
-#                  the slow N*V > 2^31 case) and the CUDA cases of tests/test_op.py, with pytest-xdist where
-#                  importable (PYTEST_WORKERS, default 4)                                        -> test.log, test.xml
-#   sanitize   70  compute-sanitizer memcheck, racecheck, synccheck and initcheck on benchmarks/sanitizer_case.py
-#                  (every kernel path, both tile configurations), the four tools in parallel -> sanitize-<tool>.log
-#   bench      45  benchmarks/bench_op.py --device cuda on BENCH_ARGS (default: 3 shapes, bf16), providers
-#                  gemm-pair, reference, ext, and Liger / Cut CE where importable (BENCH_PROVIDERS overrides; not
-#                  reference-compile, whose compilations would take the stage)              -> bench/, bench.log
-#   timesplit  50  benchmarks/time_split.py: per-kernel times, host gap, CUDA-graph replay, and the fused-vs-
-#                  chunked sweep over N at H = 896, 1536, 3584                          -> timesplit/, timesplit.log
-#   ncu        35  Nsight Compute on the fused kernel and its merge at N=64 H=896 V=151936 bf16: speed of light,
-#                  memory workload analysis (shared memory, L2, DRAM), occupancy, launch -> ncu.txt, ncu-fused.ncu-rep
+#   build     150  latentseek_ext._C in place for this GPU's arch (TORCH_CUDA_ARCH_LIST overrides; 9.0a on an
+#                  H100 / H200, which the sm90 kernel needs), and a check that the CUDA kernel registered -> build.log
+#   test      100  the whole CUDA suite: tests/test_op_cuda.py (every kernel path forced in turn, the small-shared-
+#                  memory tiles, the op options, the slow N*V > 2^31 case) and the CUDA cases of tests/test_op.py,
+#                  with pytest-xdist where importable (PYTEST_WORKERS, default 4)             -> test.log, test.xml
+#   sm90       40  tests/test_op_sm90.py: the sm_90a kernel forced (LATENTSEEK_CUDA_KERNEL=sm90): every cluster
+#                  size, the near-tie agreement of a cluster's CTAs, determinism; its own stage so that a hang of
+#                  the new kernel costs only this stage (on another GPU it checks the error)   -> sm90.log, sm90.xml
+#   sanitize   65  compute-sanitizer memcheck, racecheck, synccheck and initcheck on benchmarks/sanitizer_case.py
+#                  (every kernel forced in turn, both tile configurations, sm90 last on an H100 / H200), the four
+#                  tools in parallel                                                       -> sanitize-<tool>.log
+#   bench      45  benchmarks/bench_op.py --device cuda on BENCH_ARGS (default: the issue's 3 shapes, bf16),
+#                  providers gemm-pair, reference, ext, and Liger / Cut CE where importable (BENCH_PROVIDERS
+#                  overrides; not reference-compile, whose compilations would take the stage) -> bench/, bench.log
+#   timesplit  35  benchmarks/time_split.py: per-kernel times, host gap, CUDA-graph replay, and the sweep over N
+#                  at H = 896, 1536, 3584 of fused, chunked and (H100 / H200) sm90       -> timesplit/, timesplit.log
+#   ncu        25  Nsight Compute at N=64 H=896 V=151936 bf16 on the fused kernel and its merge, then (H100 / H200)
+#                  the sm90 kernel and its merge: speed of light, memory workload analysis (shared memory, L2,
+#                  DRAM), occupancy, launch                  -> ncu-<kernel>.txt, ncu-<kernel>.ncu-rep
 # Not in the default list, for a lease of its own (it needs the wheels stage's pytest where the image lacks it):
 #   engine    420  the engine on CUDA: the CUDA cases of the engine, method and CLI tests (CUDA-graph capture
 #                  included; at most ENGINE_TEST_LIMIT s, default 150), then benchmarks/bench_loop.py --device cuda
@@ -47,15 +52,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
 shift
 STAGES=("$@")
-ALL_STAGES=(env wheels build test sanitize bench timesplit ncu)
+ALL_STAGES=(env wheels build test sm90 sanitize bench timesplit ncu)
 [ ${#STAGES[@]} -eq 0 ] && STAGES=("${ALL_STAGES[@]}")
-declare -A LIMIT=([env]=10 [wheels]=15 [build]=145 [test]=100 [sanitize]=70 [bench]=45 [timesplit]=50 [ncu]=35)
+declare -A LIMIT=([env]=10 [wheels]=10 [build]=150 [test]=100 [sm90]=40 [sanitize]=65 [bench]=45 [timesplit]=35 [ncu]=25)
 for s in "${ALL_STAGES[@]}"; do
   var="LIMIT_$s"
   [ -n "${!var:-}" ] && LIMIT[$s]="${!var}"
 done
 LIMIT[engine]="${LIMIT_engine:-420}"
-BUDGET="${BUDGET:-470}"
+BUDGET="${BUDGET:-480}"
 KILL_GRACE=10  # seconds a timed-out command gets between SIGTERM and SIGKILL, counted inside the budget
 MIN_STAGE=15
 PYTEST_WORKERS="${PYTEST_WORKERS:-4}"
@@ -63,7 +68,7 @@ PYTEST_ARGS="${PYTEST_ARGS:-}"
 SANITIZE_TOOLS="${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}"
 BENCH_ARGS="${BENCH_ARGS:---cases Qwen2.5-0.5B:64,Qwen2.5-0.5B:300,Qwen2.5-7B:4096 --dtypes bf16 --min-runs 5 --max-runs 10 --min-time 0.5}"
 BENCH_PROVIDERS="${BENCH_PROVIDERS:-}"
-TIMESPLIT_ARGS="${TIMESPLIT_ARGS:-}"
+TIMESPLIT_ARGS="${TIMESPLIT_ARGS:---min-time 0.1 --max-reps 20}"
 ENGINE_ARGS="${ENGINE_ARGS:-}"
 ENGINE_TEST_LIMIT="${ENGINE_TEST_LIMIT:-150}"
 
@@ -208,6 +213,17 @@ stage_test() {
     --junitxml="$OUT/test.xml" "${extra[@]}" tests/test_op_cuda.py tests/test_op.py
 }
 
+stage_sm90() {
+  local workers=() extra
+  read -r -a extra <<<"$PYTEST_ARGS"
+  if [ "$PYTEST_WORKERS" -gt 1 ] && "$PY" -c 'import xdist' 2>/dev/null; then
+    workers=(-n "$PYTEST_WORKERS")
+  fi
+  # On a GPU other than compute capability 9.0 the file's one test there checks that forcing sm90 is an error.
+  run_logged "$OUT/sm90.log" "$PY" -m pytest -q -rs -p no:cacheprovider --durations=10 "${workers[@]}" \
+    --junitxml="$OUT/sm90.xml" "${extra[@]}" tests/test_op_sm90.py
+}
+
 stage_sanitize() {
   if ! command -v compute-sanitizer >/dev/null; then
     echo "compute-sanitizer not found"
@@ -261,23 +277,28 @@ stage_ncu() {
     echo "ncu not found"
     return 1
   fi
-  # Three calls; skip the first call's two launches (fused + merge), profile the second call's.
-  LATENTSEEK_CUDA_KERNEL=fused run_logged "$OUT/ncu.txt" ncu --clock-control none \
-    --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Chart \
-    --section MemoryWorkloadAnalysis_Tables --section Occupancy --section LaunchStats \
-    --kernel-name regex:'fused_mma|merge_splits' --launch-skip 2 --launch-count 2 \
-    --export "$OUT/ncu-fused" --force-overwrite \
-    "$PY" -c '
+  local kernels=(fused) kernel regex rc=0
+  "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.get_device_capability() == (9, 0) else 1)' && kernels+=(sm90)
+  for kernel in "${kernels[@]}"; do
+    regex='fused_mma|merge_splits'
+    [ "$kernel" = sm90 ] && regex='sm90_kernel|merge_splits'
+    # Three calls; skip the first call's two launches (kernel + merge), profile the second call's.
+    LATENTSEEK_CUDA_KERNEL="$kernel" run_logged "$OUT/ncu-$kernel.txt" ncu --clock-control none \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Chart \
+      --section MemoryWorkloadAnalysis_Tables --section Occupancy --section LaunchStats \
+      --kernel-name regex:"$regex" --launch-skip 2 --launch-count 2 \
+      --export "$OUT/ncu-$kernel" --force-overwrite \
+      "$PY" -c '
 import torch, latentseek_ext
 z = torch.randn(64, 896, device="cuda", dtype=torch.bfloat16)
 w = torch.randn(151936, 896, device="cuda", dtype=torch.bfloat16) / 30
 for _ in range(3):
     latentseek_ext.lm_head_policy_grad(z, w, 0.5, impl="ext")
 torch.cuda.synchronize()
-'
-  local rc=$?
-  grep -E "fused_mma|merge_splits|Duration|Memory Throughput|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache|Shared Memory|Compute \(SM\)|Achieved Occupancy|Registers Per" \
-    "$OUT/ncu.txt" | head -60
+' || rc=$?
+    grep -E "fused_mma|sm90_kernel|merge_splits|Duration|Memory Throughput|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache|Shared Memory|Compute \(SM\)|Achieved Occupancy|Registers Per" \
+      "$OUT/ncu-$kernel.txt" | head -40
+  done
   return $rc
 }
 

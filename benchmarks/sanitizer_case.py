@@ -5,7 +5,9 @@ Paths, each with the large tiles and the small-shared-memory tiles of the tensor
 (LATENTSEEK_CUDA_TILES=small): the tensor-core kernel with vocabulary splits (then the merge kernel) and with one
 split (its own finish, which needs enough rows to fill the GPU), with and without the gradient, several H slices;
 the chunked path (cuBLAS products, the per-chunk row kernel, the merge kernel's one-split finish); the SIMT kernel
-in fp32 / fp64 and as the bf16 fallback (H % 8 != 0). Across them: given tokens, bias, and the three reward forms
+in fp32 / fp64 and as the bf16 fallback (H % 8 != 0); last, on a compute capability 9.0 GPU, the sm_90a kernel
+(LATENTSEEK_CUDA_KERNEL=sm90: clusters of 1, 2 and 3 CTAs, vocabulary splits with the merge, and one split with its
+own finish), so that a hang there cannot hide the other paths' results. Across them: given tokens, bias, and the three reward forms
 (per row, a 0-d tensor, a float). Shapes are odd on purpose (rows, H and V not multiples of the tiles). Each call
 prints one line; the script exits non-zero if an output is not finite where it must be, or a token out of range.
 
@@ -94,6 +96,15 @@ def main() -> None:
     run("simt", 19, 600, 500, torch.float32, with_extras=True, reward_form="float")  # 2 H slices
     run("simt", 7, 64, 333, torch.float64, with_extras=True, grad=False)
     run("simt", 7, 300, 333, torch.float64, with_extras=True, reward_form="scalar")
+    if DEVICE == "cpu" or torch.cuda.get_device_capability() == (9, 0):
+        for dtype in (torch.bfloat16, torch.float16):
+            run("sm90", 37, 896, 1000, dtype, with_extras=True)  # cluster of 2, splits + merge
+            run("sm90", 5, 1096, 700, dtype, with_extras=False)  # cluster of 3, the last CTA's chunks partly past H
+            run("sm90", 70, 136, 650, dtype, with_extras=True, grad=False)  # 2 token tiles, no gradient
+        # One split: more 64-row token tiles than clusters fit at once, so the kernel finishes the rows itself.
+        run("sm90", 64 * sms + 3, 72, 300, torch.bfloat16, with_extras=True, reward_form="scalar")
+    else:
+        print("sanitizer_case: sm90 calls left out (they need a compute capability 9.0 GPU)", file=sys.stderr)
     print(f"sanitizer_case: done, {CALLS} calls")
 
 

@@ -9,7 +9,9 @@ kernel?
    stream time minus kernel time: the GPU idling between and before kernels while the host launches them.
 2. Sweep: the median CUDA-event time of the fused kernel against the chunked path (LATENTSEEK_CUDA_KERNEL) over
    N in 16..4096 at H = 896, 1536, 3584 (Qwen2.5 0.5B / 1.5B / 7B vocabularies), and per H the smallest N from
-   which chunked is faster: the data for kMaxFusedPasses in latentseek/cuda_plan.h.
+   which chunked is faster: the data for kMaxFusedPasses in latentseek/cuda_plan.h. On a compute capability 9.0 GPU
+   the sm_90a kernel (sm90) joins the split and the sweep, and the fastest kernel per N is listed: the data for
+   letting the automatic choice take it.
 
     python benchmarks/time_split.py --device cuda --out-dir OUT --tag time-split-h200
     python benchmarks/time_split.py --device cpu --out-dir /tmp/ts --split-cases 16:64:1000 --sweep-n 16,32 \\
@@ -43,6 +45,8 @@ GROUPS = (
     ("fused_mma_kernel", "fused_mma"),
     ("fused_simt_kernel", "fused_simt"),
     ("merge_splits_kernel", "merge_splits"),
+    ("sm90_kernel", "sm90"),
+    ("check_tokens_kernel", "sm90"),
     ("chunk_rows_kernel", "chunk_rows"),
     ("gemm", "cublas"),
     ("nvjet", "cublas"),
@@ -257,6 +261,23 @@ def crossover(rows: list[SweepRow], h: int) -> str:
     return f"no N up to {ns[-1]}"
 
 
+def fastest(rows: list[SweepRow], h: int) -> str:
+    """Per N at this H, the kernel with the smallest median (the data for the automatic choice among all of them)."""
+    by_n: dict[int, dict[str, float]] = {}
+    for r in rows:
+        if r.H == h:
+            by_n.setdefault(r.N, {})[r.kernel] = r.median_us
+    return ", ".join(f"N={n} {min(k, key=k.get)}" for n, k in sorted(by_n.items())) or "not measured"
+
+
+def default_kernels(device: str, kernels: str) -> list[str]:
+    """The LATENTSEEK_CUDA_KERNEL values to measure: sm90 joins the list on a compute capability 9.0 GPU."""
+    names = kernels.split(",")
+    if device == "cuda" and torch.cuda.get_device_capability() == (9, 0) and "sm90" not in names:
+        names.append("sm90")
+    return names
+
+
 def to_markdown(tag: str, stamp: dict, command: str, split: list[SplitRow], sweep: list[SweepRow]) -> str:
     out = [f"# {tag}\n", common.stamp_markdown(stamp), f"\n`{command}`\n", "\n## Time split per call (us)\n\n"]
     groups = sorted({g for r in split for g in r.kernels_us})
@@ -297,6 +318,9 @@ def to_markdown(tag: str, stamp: dict, command: str, split: list[SplitRow], swee
         if {"fused", "chunked"} <= set(kernels):
             hs = sorted({r.H for r in sweep})
             out.append("\n" + "\n".join(f"- H = {h}: chunked faster for {crossover(sweep, h)}" for h in hs) + "\n")
+        if len(kernels) > 2:
+            hs = sorted({r.H for r in sweep})
+            out.append("\n" + "\n".join(f"- H = {h}, fastest: {fastest(sweep, h)}" for h in hs) + "\n")
     return "".join(out)
 
 
@@ -309,7 +333,16 @@ def main(argv: list[str] | None = None) -> None:
         default="64:896:151936,300:896:151936,64:3584:152064",
         help="N:H:V cases of the time split (comma list)",
     )
-    ap.add_argument("--split-kernels", default="auto,fused,chunked", help="LATENTSEEK_CUDA_KERNEL values of the split")
+    ap.add_argument(
+        "--split-kernels",
+        default="auto,fused,chunked",
+        help="LATENTSEEK_CUDA_KERNEL values of the split (sm90 is added on a compute capability 9.0 GPU)",
+    )
+    ap.add_argument(
+        "--sweep-kernels",
+        default="fused,chunked",
+        help="LATENTSEEK_CUDA_KERNEL values of the sweep (sm90 is added on a compute capability 9.0 GPU)",
+    )
     ap.add_argument("--reps", type=int, default=20, help="calls per split measurement")
     ap.add_argument("--sweep-n", default="16,32,64,128,256,512,1024,2048,4096")
     ap.add_argument("--sweep-h", default="896,1536,3584")
@@ -328,8 +361,8 @@ def main(argv: list[str] | None = None) -> None:
     stamp = common.stamp(args.device, dirty)
     command = common.command_line(sys.argv if argv is None else [__file__, *argv])
     # On the CPU the kernel variable means nothing: one "cpu" row per case.
-    split_kernels = args.split_kernels.split(",") if args.device == "cuda" else ["cpu"]
-    sweep_kernels = ["fused", "chunked"] if args.device == "cuda" else ["cpu"]
+    split_kernels = default_kernels(args.device, args.split_kernels) if args.device == "cuda" else ["cpu"]
+    sweep_kernels = default_kernels(args.device, args.sweep_kernels) if args.device == "cuda" else ["cpu"]
     split: list[SplitRow] = []
     sweep: list[SweepRow] = []
 
@@ -379,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {tag}.json and .md")
     if args.device == "cuda":
         for h in sorted({r.H for r in sweep}):
-            print(f"H = {h}: chunked faster for {crossover(sweep, h)}")
+            print(f"H = {h}: chunked faster for {crossover(sweep, h)}; fastest: {fastest(sweep, h)}")
 
 
 if __name__ == "__main__":

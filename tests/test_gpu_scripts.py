@@ -37,8 +37,9 @@ def test_sanitizer_case_runs_every_call_on_cpu():
     assert all(line.endswith(": ok") for line in lines[:-1])
     calls = lines[:-1]
     # Every kernel path, with both tile configurations of the tensor-core kernel, and every reward form.
-    for kernel in ("fused", "chunked", "simt"):
+    for kernel in ("fused", "chunked", "simt", "sm90"):
         assert any(line.startswith(kernel) for line in calls), kernel
+    assert calls[-1].startswith("sm90"), "the sm90 calls come last (a hang there must not hide the others)"
     for tiles in ("large", "small"):
         assert sum(line.startswith("fused") and f"tiles={tiles}" in line for line in calls) >= 7, tiles
     for form in ("rows", "scalar", "float"):
@@ -67,8 +68,9 @@ def test_gpu_session_plan_fits_eight_minutes(tmp_path):
     proc = _session(tmp_path, PLAN_ONLY="1")
     assert proc.returncode == 0, proc.stderr
     plan = [line.split() for line in proc.stdout.splitlines() if line.startswith("plan: ") and "total" not in line]
-    # In order of value: build, the CUDA suite, the sanitizers, the benchmark, then the time split and ncu.
-    assert [p[1] for p in plan] == ["env", "wheels", "build", "test", "sanitize", "bench", "timesplit", "ncu"]
+    # In order of value: build, the CUDA suite, the sm90 kernel's tests, the sanitizers, the benchmark, then the time
+    # split and ncu.
+    assert [p[1] for p in plan] == ["env", "wheels", "build", "test", "sm90", "sanitize", "bench", "timesplit", "ncu"]
     total = sum(int(p[2]) for p in plan)
     budget = int(proc.stdout.split("budget ")[1].split()[0])
     assert total <= budget <= 480
@@ -152,6 +154,12 @@ def test_time_split_groups_and_crossover():
     assert time_split.crossover(rows({64: (1, 2), 128: (2, 1), 256: (1, 3)}), 896) == "no N up to 256"
     assert time_split.crossover(rows({64: (3, 2), 128: (4, 1)}), 896) == "N >= 64"
     assert time_split.crossover(rows({64: (3, 2)}), 1536) == "not measured"
+    three = rows({64: (1, 2), 128: (2, 1)}) + [
+        time_split.SweepRow(64, 896, 151936, "bf16", "sm90", 0.5, 0.5, 0.5, 5),
+        time_split.SweepRow(128, 896, 151936, "bf16", "sm90", 3, 3, 3, 5),
+    ]
+    assert time_split.fastest(three, 896) == "N=64 sm90, N=128 chunked"
+    assert time_split.fastest(three, 3584) == "not measured"
 
 
 def test_bench_explicit_case_list():

@@ -7,7 +7,9 @@
 # A CPU torch wheel ships the CUDA headers of c10 but not the CMake-generated cuda_cmake_macros.h, hence
 # -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE; nothing is linked, so the CPU wheel is enough. The flags mirror setup.py's
 # (torch's cpp_extension compiles with -std=c++20). Exits 0 with a message when nvcc is absent, non-zero on any
-# compile error. NVCC and CUDA_ARCHS override the compiler and the targets. sm_86 stands for the consumer GPUs (sm_86 /
+# compile error, and non-zero when ptxas reports that it serialised wgmma (C7510, C7520) or ignored setmaxnreg (C7508)
+# in the sm_90a kernel: those are silent slowdowns, not errors, to ptxas. NVCC and CUDA_ARCHS override the compiler
+# and the targets. sm_86 stands for the consumer GPUs (sm_86 /
 # sm_89: 99 KB of shared memory per block, the small tile configuration); their default build runs the sm_80 code.
 set -euo pipefail
 
@@ -55,6 +57,10 @@ for src in "${SOURCES[@]}"; do
          /bytes stack frame/ { sub(/^ptxas info *: */, ""); frame = $0 }
          /Used [0-9]+ registers/ { sub(/^ptxas info *: */, ""); print "  " arch " " fn ": " $0 "; " frame }' \
       "$TMP/log" | (command -v c++filt >/dev/null && c++filt || cat) | sort
+    if grep -E "\((C7508|C7510|C7520)\)" "$TMP/log" >&2; then
+      echo "cuda-check: FAIL  $src: ptxas serialised wgmma or ignored setmaxnreg (messages above)" >&2
+      status=1
+    fi
   else
     echo "cuda-check: FAIL  $src" >&2
     cat "$TMP/log" >&2

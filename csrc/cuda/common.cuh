@@ -168,6 +168,15 @@ __device__ __forceinline__ acc_t warp_sum(acc_t x) {
   return x;
 }
 
+// Programmatic dependent launch (sm_90): a kernel launched with cudaLaunchAttributeProgrammaticStreamSerialization
+// may start before the previous kernel on its stream has finished; this waits until that kernel has completed and
+// its memory is visible. A no-op for a kernel launched normally, and on older GPUs.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // --- Per-row inputs read on the device ---------------------------------------------------------------------
 
 // The reward of a row: scale * values[row * stride] (stride 0: one 0-d reward for every row), or scale alone. A float

@@ -2,7 +2,7 @@
 // or the argmax with torch.argmax's tie and NaN rules), logp in fp32 (fp64 for fp64 inputs) and
 // grad = -r * (W[x] - sum_v softmax(l)_v W_v), never an [N, V] buffer in the fused kernels.
 //
-// Three kernels, chosen per call (plan_call; LATENTSEEK_CUDA_KERNEL=fused|simt|chunked overrides `auto`, and
+// Four kernels, chosen per call (plan_call; LATENTSEEK_CUDA_KERNEL=fused|simt|chunked|sm90 overrides `auto`, and
 // LATENTSEEK_CUDA_TILES=large|small the tensor-core kernel's tile configuration). The choices themselves (kernel,
 // tiles from the device's shared memory limit, grid, chunk length) are pure functions in latentseek/cuda_plan.h.
 //
@@ -10,6 +10,7 @@
 // 2. fused_simt_kernel (simt.cuh): fp32 / fp64, and the bf16 / fp16 inputs the tensor cores cannot take.
 // 3. chunked (chunked.cuh): bf16 / fp16 with many rows, cuBLAS products around a per-chunk row kernel, and its
 //    finish kernel.
+// 4. sm90_kernel (sm90.cuh): bf16 / fp16 on sm_90a (TMA, wgmma, a cluster splitting H), only when forced (sm90).
 // merge_splits_kernel (merge.cuh) merges the vocabulary splits of the fused kernels.
 // This file holds the launchers: kernel and grid choice, buffers, the stream, the device entry and registration.
 //
@@ -20,6 +21,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -52,6 +54,7 @@
 #include "fused_mma.cuh"
 #include "merge.cuh"
 #include "simt.cuh"
+#include "sm90.cuh"
 
 namespace latentseek {
 namespace {
@@ -109,32 +112,37 @@ RowReward<acc_t> row_reward(const LmHeadProblem& p) {
           static_cast<acc_t>(p.reward_scale)};
 }
 
+// programmatic: launched with programmatic dependent launch (sm_90), so that it is scheduled while the previous
+// kernel drains; it waits for that kernel's results (grid_dependency_wait) before reading them.
 template <typename scalar_t, typename acc_t>
 void launch_merge(int splits, const at::Tensor& part_state, const at::Tensor& part_acc, acc_t acc_scale,
-                  const LmHeadProblem& p, Outputs& out, cudaStream_t stream) {
+                  const LmHeadProblem& p, Outputs& out, cudaStream_t stream, bool programmatic = false) {
   const size_t smem = merge_smem_bytes<acc_t>(splits);
-  merge_splits_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p.N), kMergeThreads, smem, stream>>>(
-      reinterpret_cast<const RowState<acc_t>*>(part_state.data_ptr()),
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.N));
+  cfg.blockDim = dim3(kMergeThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = programmatic ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(
+      &cfg, merge_splits_kernel<scalar_t, acc_t>, reinterpret_cast<const RowState<acc_t>*>(part_state.data_ptr()),
       part_acc.defined() ? part_acc.data_ptr<acc_t>() : nullptr, splits, static_cast<int>(p.N), static_cast<int>(p.H),
       static_cast<int>(p.V), acc_scale, p.weight.data_ptr<scalar_t>(),
       p.tokens.defined() ? p.tokens.data_ptr<int64_t>() : nullptr, row_reward<acc_t>(p),
       out.tokens.data_ptr<int64_t>(), out.logp.data_ptr<acc_t>(),
-      out.grad.defined() ? out.grad.data_ptr<acc_t>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      out.grad.defined() ? out.grad.data_ptr<acc_t>() : nullptr));
 }
 
-// Runs a fused kernel (mma or simt) over the grid, then the merge when the vocabulary was split.
-// acc_scale: what the kernel's accumulator must be multiplied by (undoes fp16's P scale in the tensor-core kernel).
-template <typename scalar_t, typename acc_t, typename KernelFn>
-void run_fused(KernelFn kernel, int threads, size_t smem, const GridTiles& tiles, acc_t acc_scale,
-               const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cudaStream_t stream) {
-  const int device = z.get_device();
-  const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), threads, smem, device);
-  LS_CHECK(per_sm > 0, "lm_head_policy_grad: the CUDA kernel does not fit on this GPU (", smem,
-           " bytes of shared memory per block)");
+// The arguments of a fused kernel (mma, simt, sm90) over grid g, and the split partials it writes when g splits the
+// vocabulary (kept alive by the caller until the merge is enqueued).
+template <typename scalar_t, typename acc_t>
+FusedArgs<scalar_t, acc_t> fused_args(const LmHeadProblem& p, const at::Tensor& z, Outputs& out, const Grid& g,
+                                      at::Tensor& part_state, at::Tensor& part_acc) {
   const bool with_grad = out.grad.defined();
-  const Grid g = make_grid(p.N, p.V, p.H, with_grad, device_info(device).sm_count, per_sm, tiles);
-
   FusedArgs<scalar_t, acc_t> a{};
   a.z = z.data_ptr<scalar_t>();
   a.w = p.weight.data_ptr<scalar_t>();
@@ -151,7 +159,6 @@ void run_fused(KernelFn kernel, int threads, size_t smem, const GridTiles& tiles
   a.tokens_out = out.tokens.data_ptr<int64_t>();
   a.logp_out = out.logp.data_ptr<acc_t>();
   a.grad_out = with_grad ? out.grad.data_ptr<acc_t>() : nullptr;
-  at::Tensor part_state, part_acc;
   if (g.splits > 1) {
     part_state = at::empty({static_cast<int64_t>(g.splits) * p.N * static_cast<int64_t>(sizeof(RowState<acc_t>))},
                            z.options().dtype(at::kByte));
@@ -161,6 +168,22 @@ void run_fused(KernelFn kernel, int threads, size_t smem, const GridTiles& tiles
       a.part_acc = part_acc.data_ptr<acc_t>();
     }
   }
+  return a;
+}
+
+// Runs a fused kernel (mma or simt) over the grid, then the merge when the vocabulary was split.
+// acc_scale: what the kernel's accumulator must be multiplied by (undoes fp16's P scale in the tensor-core kernel).
+template <typename scalar_t, typename acc_t, typename KernelFn>
+void run_fused(KernelFn kernel, int threads, size_t smem, const GridTiles& tiles, acc_t acc_scale,
+               const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cudaStream_t stream) {
+  const int device = z.get_device();
+  const int per_sm = ctas_per_sm(reinterpret_cast<const void*>(kernel), threads, smem, device);
+  LS_CHECK(per_sm > 0, "lm_head_policy_grad: the CUDA kernel does not fit on this GPU (", smem,
+           " bytes of shared memory per block)");
+  const bool with_grad = out.grad.defined();
+  const Grid g = make_grid(p.N, p.V, p.H, with_grad, device_info(device).sm_count, per_sm, tiles);
+  at::Tensor part_state, part_acc;
+  const FusedArgs<scalar_t, acc_t> a = fused_args<scalar_t, acc_t>(p, z, out, g, part_state, part_acc);
   const dim3 grid(static_cast<unsigned>(g.row_tiles) * static_cast<unsigned>(g.slices),
                   static_cast<unsigned>(g.splits));
   kernel<<<grid, threads, smem, stream>>>(a);
@@ -190,6 +213,137 @@ void run_simt(const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cudaStr
   else
     run_fused<scalar_t, acc_t>(fused_simt_kernel<scalar_t, acc_t, false>, SimtTile::kThreads, 0, tiles, acc_t(1), p,
                                z, out, stream);
+}
+
+// --- The sm_90a kernel (sm90.cuh) ---------------------------------------------------------------------------------
+
+// Whether `device` can run sm90_kernel: compute capability 9.0 and, in this build, code with sm_90a features for it
+// (build_probe_kernel's static shared memory says which code the device would load; nothing is launched).
+bool sm90_device(int device) {
+  static std::mutex mu;
+  static std::unordered_map<int, bool> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int major = 0, minor = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  bool ok = false;
+  if (major == 9 && minor == 0) {
+    cudaFuncAttributes attr{};
+    const cudaError_t err = cudaFuncGetAttributes(&attr, sm90::build_probe_kernel);
+    if (err == cudaSuccess) {
+      ok = attr.sharedSizeBytes == static_cast<size_t>(sm90::kProbeSm90aSmem);
+    } else {
+      (void)cudaGetLastError();  // no code for this device in the build: not an error of this call
+    }
+  }
+  cache.emplace(device, ok);
+  return ok;
+}
+
+// A 2-D tensor map of a row-major [rows, cols] 16-bit matrix in 64 x 64 boxes with the 128-byte swizzle; elements
+// outside the matrix arrive as zeros. cuTensorMapEncodeTiled is a driver function: fetched through the runtime, so
+// that the extension needs no -lcuda.
+CUtensorMap tensor_map_64x64(const void* data, int64_t rows, int64_t cols, at::ScalarType dtype) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    C10_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+    LS_CHECK(fn != nullptr && found == cudaDriverEntryPointSuccess,
+             "lm_head_policy_grad: the CUDA driver has no cuTensorMapEncodeTiled (needed by the sm90 kernel)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * 2};
+  const cuuint32_t box[2] = {Sm90Tile::kChunk, Sm90Tile::kRows};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(&map, dtype == at::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                            2, const_cast<void*>(data), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  LS_CHECK(r == CUDA_SUCCESS, "lm_head_policy_grad: cuTensorMapEncodeTiled failed (error ", static_cast<int>(r),
+           ") for a [", rows, ", ", cols, "] matrix");
+  return map;
+}
+
+// Clusters of sm90_kernel that the device holds at once with layout l (set and queried once per kernel, device and
+// layout), after raising the kernel's dynamic shared memory limit.
+int sm90_clusters(const void* kernel, const Sm90Layout& l, int device) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int, int64_t>, int> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, device, l.cluster, l.smem_bytes);
+  const auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.smem_bytes)));
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(l.cluster * device_info(device).sm_count));
+  cfg.blockDim = dim3(Sm90Tile::kThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(l.smem_bytes);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(l.cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int clusters = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+  cache.emplace(key, clusters);
+  return clusters;
+}
+
+template <typename scalar_t>
+void run_sm90(const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cudaStream_t stream) {
+  const int device = z.get_device();
+  const Sm90Layout l = sm90_layout(p.H, device_info(device).smem_per_block_optin);
+  LS_CHECK(l.ok(), "lm_head_policy_grad: the sm90 kernel cannot take H = ", p.H, " on this GPU");
+  const bool with_grad = out.grad.defined();
+  using KernelPtr = void (*)(const CUtensorMap, const CUtensorMap, const FusedArgs<scalar_t, float>, const Sm90Config);
+  KernelPtr kernel = sm90_kernel<scalar_t, false, 1>;
+  if (with_grad) {
+    switch ((l.chunks + 1) / 2) {  // O chunks per consumer warpgroup
+      case 1: kernel = sm90_kernel<scalar_t, true, 1>; break;
+      case 2: kernel = sm90_kernel<scalar_t, true, 2>; break;
+      case 3: kernel = sm90_kernel<scalar_t, true, 3>; break;
+      default: kernel = sm90_kernel<scalar_t, true, 4>; break;
+    }
+  }
+  const int max_clusters = sm90_clusters(reinterpret_cast<const void*>(kernel), l, device);
+  LS_CHECK(max_clusters > 0, "lm_head_policy_grad: the sm90 kernel's cluster of ", l.cluster, " CTAs with ",
+           l.smem_bytes, " bytes of shared memory each does not fit on this GPU");
+  // One wave of clusters over (token tile, vocabulary split) items, as make_grid splits for one wave of CTAs.
+  const Grid g = make_grid(p.N, p.V, p.H, false, max_clusters, 1, GridTiles{Sm90Tile::kRows, Sm90Tile::kBN, 0});
+  at::Tensor part_state, part_acc;
+  const FusedArgs<scalar_t, float> a = fused_args<scalar_t, float>(p, z, out, g, part_state, part_acc);
+  const CUtensorMap z_map = tensor_map_64x64(z.data_ptr(), p.N, p.H, z.scalar_type());
+  const CUtensorMap w_map = tensor_map_64x64(p.weight.data_ptr(), p.V, p.H, z.scalar_type());
+  const int64_t items = static_cast<int64_t>(g.row_tiles) * g.splits;
+  const int clusters = static_cast<int>(std::min<int64_t>(max_clusters, items));
+
+  if (a.tokens != nullptr) {
+    sm90::check_tokens_kernel<<<static_cast<unsigned>((p.N + 255) / 256), 256, 0, stream>>>(a.tokens, a.N, a.V);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(clusters * l.cluster));
+  cfg.blockDim = dim3(Sm90Tile::kThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(l.smem_bytes);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(l.cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, z_map, w_map, a, Sm90Config{l.cluster, l.chunks, l.stages}));
+  if (g.splits > 1)
+    launch_merge<scalar_t, float>(g.splits, part_state, part_acc, 1.f / Tc<scalar_t>::kPScale, p, out, stream,
+                                  /*programmatic=*/true);
 }
 
 // out = a b, or out += a b (accumulate), in the accumulation dtype (fp32 for bf16 / fp16 operands).
@@ -299,7 +453,7 @@ Plan plan_call(const LmHeadProblem& p, bool with_grad, int device) {
   const char* kernel_env = std::getenv("LATENTSEEK_CUDA_KERNEL");
   const KernelRequest kernel_request = parse_kernel_request(kernel_env);
   LS_CHECK(kernel_request != KernelRequest::kInvalid,
-           "LATENTSEEK_CUDA_KERNEL must be auto, fused, simt or chunked, got '", kernel_env, "'");
+           "LATENTSEEK_CUDA_KERNEL must be auto, fused, simt, chunked or sm90, got '", kernel_env, "'");
   const char* tiles_env = std::getenv("LATENTSEEK_CUDA_TILES");
   const TilesRequest tiles_request = parse_tiles_request(tiles_env);
   LS_CHECK(tiles_request != TilesRequest::kInvalid, "LATENTSEEK_CUDA_TILES must be auto, large or small, got '",
@@ -323,7 +477,15 @@ Plan plan_call(const LmHeadProblem& p, bool with_grad, int device) {
              " tiles, this GPU allows ", optin);
   }
   in.mma_fits = tiles != MmaTiles::kNone;
-  return {choose_kernel(kernel_request, in), tiles};
+  if (kernel_request == KernelRequest::kSm90) {  // auto never takes it (not yet validated on a GPU)
+    in.sm90_device = sm90_device(device);
+    in.sm90_fits = sm90_layout(p.H, optin).ok();
+  }
+  const Kernel kernel = choose_kernel(kernel_request, in);
+  LS_CHECK(kernel != Kernel::kSm90 || in.sm90_device,
+           "LATENTSEEK_CUDA_KERNEL=sm90 needs a compute capability 9.0 GPU (H100 / H200) and a build with sm_90a code "
+           "(TORCH_CUDA_ARCH_LIST including 9.0a); this GPU or build has neither or one of them");
+  return {kernel, tiles};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -338,6 +500,7 @@ void run_cuda(const LmHeadProblem& p, Outputs& out) {
       if (plan.tiles == MmaTiles::kSmall) return run_mma<MmaTileSmall, scalar_t>(p, z, out, stream);
       return run_mma<MmaTileLarge, scalar_t>(p, z, out, stream);
     }
+    if (plan.kernel == Kernel::kSm90) return run_sm90<scalar_t>(p, z, out, stream);
     if (plan.kernel == Kernel::kChunked) return run_chunked<scalar_t, float>(p, z, out, stream);
   }
   run_simt<scalar_t, acc_t>(p, z, out, stream);

@@ -42,6 +42,7 @@ __global__ void __launch_bounds__(kMergeThreads)
   RowState<acc_t>& final_state = *reinterpret_cast<RowState<acc_t>*>(merge_smem);
   acc_t* factor = reinterpret_cast<acc_t*>(merge_smem + merge_state_bytes<acc_t>());  // [merge_factor_slots]
   const int n = blockIdx.x, tid = threadIdx.x;
+  grid_dependency_wait();  // launched with programmatic dependent launch after the sm90 kernel
 
   if (tid < 32) {
     // Lane l merges splits [l * per, (l + 1) * per) in order; then lanes merge pairwise in order (lane l takes

@@ -114,6 +114,8 @@ void test_requests_parse() {
   expect(parse_kernel_request("fused") == KernelRequest::kFused, "fused");
   expect(parse_kernel_request("simt") == KernelRequest::kSimt, "simt");
   expect(parse_kernel_request("chunked") == KernelRequest::kChunked, "chunked");
+  expect(parse_kernel_request("sm90") == KernelRequest::kSm90, "sm90");
+  expect(parse_kernel_request("SM90") == KernelRequest::kInvalid, "SM90: invalid (case matters)");
   expect(parse_kernel_request("fastest") == KernelRequest::kInvalid, "fastest: invalid");
   expect(parse_tiles_request(nullptr) == TilesRequest::kAuto, "unset tiles: auto");
   expect(parse_tiles_request("small") == TilesRequest::kSmall, "small");
@@ -143,6 +145,77 @@ void test_kernel_choice() {
   expect(choose_kernel(KernelRequest::kSimt, in(64, 896)) == Kernel::kSimt, "simt forced");
 }
 
+// The sm90 kernel's auto-never rule and its fallbacks: forced, it runs where the device has it and the layout fits;
+// fp32 goes to SIMT as for every forced kernel; an H it cannot take goes to the automatic choice; on a device
+// without it, it stays kSm90 (the launcher then raises the error that names the device).
+void test_sm90_choice() {
+  const auto in = [](int64_t N, int64_t H, bool device, bool fits, bool tc = true) {
+    KernelChoiceInputs k{tc, true, true, N, H, true};
+    k.sm90_device = device;
+    k.sm90_fits = fits;
+    return k;
+  };
+  for (int64_t N : {1, 64, 300, 4096}) {
+    const std::string n = "N=" + std::to_string(N);
+    expect(choose_kernel(KernelRequest::kSm90, in(N, 896, true, true)) == Kernel::kSm90, n + ": sm90 forced: sm90");
+    expect(choose_kernel(KernelRequest::kAuto, in(N, 896, true, true)) != Kernel::kSm90, n + ": auto never sm90");
+    expect(choose_kernel(KernelRequest::kSm90, in(N, 896, true, true, false)) == Kernel::kSimt,
+           n + ": sm90 forced, fp32: simt");
+    expect(choose_kernel(KernelRequest::kSm90, in(N, 8192, true, false)) ==
+               choose_kernel(KernelRequest::kAuto, in(N, 8192, true, false)),
+           n + ": sm90 forced, H it cannot take: the automatic choice");
+    expect(choose_kernel(KernelRequest::kSm90, in(N, 896, false, false)) == Kernel::kSm90,
+           n + ": sm90 forced on a device without it: kSm90, for the launcher's error");
+  }
+}
+
+// The cluster split of H: at most 8 chunks (512 columns) per CTA, at most 8 CTAs, the fewest CTAs that do it; the
+// CTAs' chunks cover H; the ring has 2 to 4 stages and the whole fits the device's shared memory per block.
+void test_sm90_layout() {
+  constexpr int64_t kH100 = 232448, kA100 = 166912;
+  for (int64_t H = 8; H <= 5000; H += 8) {
+    const Sm90Layout l = sm90_layout(H, kH100);
+    const std::string s = "sm90 H=" + std::to_string(H);
+    const int64_t kt = (H + 63) / 64;
+    if (kt > 64) {
+      expect(!l.ok(), s + ": above 4096 columns the cluster would exceed 8 CTAs: not taken");
+      continue;
+    }
+    expect(l.ok(), s + ": taken on an H100 / H200");
+    if (!l.ok()) continue;
+    expect(l.cluster >= 1 && l.cluster <= Sm90Tile::kMaxCluster, s + ": 1 <= cluster <= 8");
+    expect(l.chunks >= 1 && l.chunks <= Sm90Tile::kMaxChunks, s + ": at most 512 columns per CTA");
+    expect(static_cast<int64_t>(l.cluster) * l.chunks >= kt, s + ": the CTAs' chunks cover H");
+    expect(static_cast<int64_t>(l.cluster - 1) * l.chunks < kt, s + ": every CTA owns a chunk inside H");
+    expect(l.cluster == (kt + 7) / 8, s + ": the fewest CTAs");
+    expect(l.stages >= 2 && l.stages <= Sm90Tile::kMaxStages, s + ": 2 to 4 stages");
+    expect(l.smem_bytes == sm90_smem_bytes(l.chunks, l.stages) && l.smem_bytes <= kH100, s + ": fits 227 KB");
+    expect(l.stages == Sm90Tile::kMaxStages || sm90_smem_bytes(l.chunks, l.stages + 1) > kH100,
+           s + ": as many stages as fit");
+  }
+  // The design review's clusters: 896 -> 2 x 448, 1536 -> 3 x 512, 3584 -> 7 x 512, 4096 -> 8 x 512.
+  const int64_t shapes[][3] = {{896, 2, 7}, {1536, 3, 8}, {3584, 7, 8}, {4096, 8, 8}, {512, 1, 8}, {64, 1, 1}};
+  for (const auto& x : shapes) {
+    const Sm90Layout l = sm90_layout(x[0], kH100);
+    expect(l.cluster == x[1] && l.chunks == x[2],
+           "sm90 H=" + std::to_string(x[0]) + ": cluster " + std::to_string(x[1]) + " x " + std::to_string(x[2]) +
+               " chunks, got " + std::to_string(l.cluster) + " x " + std::to_string(l.chunks));
+  }
+  expect(sm90_layout(896, kH100).smem_bytes == 202880 && sm90_layout(1536, kH100).smem_bytes == 227456,
+         "sm90 shared memory: 202,880 bytes at H=896, 227,456 at H=1536 (the header's numbers)");
+  expect(sm90_layout(1536, kA100).ok() == false, "sm90 at 512 columns per CTA needs more than an A100's 163 KB");
+  expect(!sm90_layout(0, kH100).ok(), "sm90 H=0: not taken");
+  // The grid over clusters: make_grid with 64-token tiles and one CTA slot per cluster never exceeds the clusters.
+  const GridTiles t{Sm90Tile::kRows, Sm90Tile::kBN, 0};
+  for (int clusters : {132, 66, 44, 18, 16})
+    for (int64_t N : {1, 64, 65, 300, 2000, 9000}) {
+      const Grid g = make_grid(N, 151936, 896, false, clusters, 1, t);
+      expect(g.slices == 1 && g.row_tiles == (N + 63) / 64, "sm90 grid: token tiles, no H slices");
+      if (g.row_tiles <= clusters)
+        expect(g.ctas() <= clusters, "sm90 grid N=" + std::to_string(N) + ": items within one wave of clusters");
+    }
+}
+
 void test_chunk_len() {
   for (int64_t N : {1, 7, 64, 300, 2048, 4096, 16384})
     for (int64_t H : {64, 896, 3584})
@@ -164,6 +237,8 @@ int main() {
   test_tiles_follow_the_device();
   test_requests_parse();
   test_kernel_choice();
+  test_sm90_choice();
+  test_sm90_layout();
   test_chunk_len();
   std::printf("%s: %lld checks, %d failed\n", failures ? "FAIL" : "ok", static_cast<long long>(checks), failures);
   return failures ? 1 : 0;

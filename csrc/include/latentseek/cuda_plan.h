@@ -55,9 +55,65 @@ struct SimtTile {
   static constexpr int slice_cols(int acc_bytes) { return acc_bytes == 8 ? 256 : 512; }
 };
 
-enum class KernelRequest { kAuto, kFused, kSimt, kChunked, kInvalid };  // LATENTSEEK_CUDA_KERNEL
-enum class TilesRequest { kAuto, kLarge, kSmall, kInvalid };             // LATENTSEEK_CUDA_TILES
-enum class Kernel { kMma, kSimt, kChunked };
+// The sm_90a kernel (csrc/cuda/sm90.cuh): a cluster of CTAs splits H, each CTA owning `chunks` 64-column chunks
+// (at most 8, so H / cluster <= 512) of a 64-token tile; W streams through a ring of `stages` TMA stages of
+// chunks x 8 KB. Shared memory: the resident Z tile, the ring, P, the partial-logit exchange buffer, per-row values
+// and the mbarriers, plus 1 KB to align the base to the 128-byte swizzle's 1024-byte pattern.
+struct Sm90Tile {
+  static constexpr int kRows = 64;        // tokens per tile (the wgmma M)
+  static constexpr int kBN = 64;          // vocabulary entries per tile
+  static constexpr int kChunk = 64;       // H columns per chunk: one 128-byte swizzled row of 16-bit values
+  static constexpr int kMaxChunks = 8;    // per CTA
+  static constexpr int kMaxCluster = 8;   // the portable cluster size
+  static constexpr int kMaxStages = 4;
+  static constexpr int kConsumerWarpgroups = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);  // warpgroup 0 produces (TMA), 1-2 consume
+  static constexpr int kChunkBytes = kRows * kChunk * 2;  // a Z chunk and a W chunk alike (kBN == kRows)
+  static constexpr int kSRowFloats = 80;                  // exchange rows padded: 2 rows x 64 bytes cover 32 banks
+  static constexpr int kSBytes = kRows * kSRowFloats * 4;
+  static constexpr int kPBytes = kRows * kBN * 2;
+  static constexpr int kRowBytes = kRows * (4 + 4 + 8);  // alpha, final s, final token per row
+  static constexpr int kBarrierBytes = 128;               // 2 x kMaxStages + 4 mbarriers of 8 bytes
+  static constexpr int kAlignSlack = 1024;
+  static_assert(kBN == kRows, "a W chunk and a Z chunk share one TMA box (64 x 64)");
+};
+
+inline int64_t sm90_smem_bytes(int chunks, int stages) {
+  return Sm90Tile::kAlignSlack + static_cast<int64_t>(chunks) * Sm90Tile::kChunkBytes * (1 + stages) +
+         Sm90Tile::kPBytes + Sm90Tile::kSBytes + Sm90Tile::kRowBytes + Sm90Tile::kBarrierBytes;
+}
+
+struct Sm90Layout {
+  int cluster = 0;  // CTAs per cluster, each with an H slice; 0: the kernel cannot take this H on this device
+  int chunks = 0;   // 64-column chunks per CTA (the last CTA's may lie partly or wholly past H: zero-filled)
+  int stages = 0;   // TMA ring depth
+  int64_t smem_bytes = 0;
+  bool ok() const { return cluster > 0; }
+};
+
+// The cluster that splits H (the fewest CTAs with at most 8 chunks each: 896 -> 2 x 7, 1536 -> 3 x 8,
+// 3584 -> 7 x 8, 4096 -> 8 x 8), and as many ring stages (2 to 4) as the device's shared memory per block holds.
+inline Sm90Layout sm90_layout(int64_t H, int64_t smem_per_block_optin) {
+  Sm90Layout l;
+  if (H <= 0) return l;
+  const int64_t kt = (H + Sm90Tile::kChunk - 1) / Sm90Tile::kChunk;
+  const int64_t cluster = (kt + Sm90Tile::kMaxChunks - 1) / Sm90Tile::kMaxChunks;
+  if (cluster > Sm90Tile::kMaxCluster) return l;
+  const int chunks = static_cast<int>((kt + cluster - 1) / cluster);
+  const int64_t room = smem_per_block_optin - sm90_smem_bytes(chunks, 0);
+  const int64_t stages =
+      std::min<int64_t>(Sm90Tile::kMaxStages, room > 0 ? room / (static_cast<int64_t>(chunks) * Sm90Tile::kChunkBytes) : 0);
+  if (stages < 2) return l;
+  l.cluster = static_cast<int>(cluster);
+  l.chunks = chunks;
+  l.stages = static_cast<int>(stages);
+  l.smem_bytes = sm90_smem_bytes(chunks, l.stages);
+  return l;
+}
+
+enum class KernelRequest { kAuto, kFused, kSimt, kChunked, kSm90, kInvalid };  // LATENTSEEK_CUDA_KERNEL
+enum class TilesRequest { kAuto, kLarge, kSmall, kInvalid };                    // LATENTSEEK_CUDA_TILES
+enum class Kernel { kMma, kSimt, kChunked, kSm90 };
 enum class MmaTiles { kNone, kLarge, kSmall };
 
 // An unset variable (nullptr) or an empty one means auto.
@@ -66,6 +122,7 @@ inline KernelRequest parse_kernel_request(const char* v) {
   if (std::strcmp(v, "fused") == 0) return KernelRequest::kFused;
   if (std::strcmp(v, "simt") == 0) return KernelRequest::kSimt;
   if (std::strcmp(v, "chunked") == 0) return KernelRequest::kChunked;
+  if (std::strcmp(v, "sm90") == 0) return KernelRequest::kSm90;
   return KernelRequest::kInvalid;
 }
 
@@ -108,14 +165,23 @@ struct KernelChoiceInputs {
   bool mma_fits;        // a tile configuration of the tensor-core kernel fits the device (choose_mma_tiles)
   int64_t N, H;
   bool with_grad;
+  bool sm90_device = false;  // an sm_90 device and a build with sm_90a code (the sm90 kernel can run at all)
+  bool sm90_fits = false;    // sm90_layout(H, the device's limit).ok(): H <= 4096 and the ring fits
 };
 
 // auto: the fused tensor-core kernel while W passes through L2 at most kMaxFusedPasses times (row tiles x H slices),
 // else the chunked cuBLAS path; SIMT where the tensor cores cannot be used. A forced kernel that cannot take the
 // inputs falls back the same way (simt for non-tensor-core inputs, fused where chunked is not built). Forced fused
 // on a device that holds no tile configuration stays kMma, and the launcher says why it cannot run.
+// sm90 is only ever forced (auto does not take it until a GPU has validated it): it runs where the device and the
+// build have sm_90a; on another device it stays kSm90 and the launcher says why it cannot run; an H it cannot
+// take (above 4096) goes to the automatic choice.
 inline Kernel choose_kernel(KernelRequest request, const KernelChoiceInputs& in) {
   if (!in.tensor_core_ok || request == KernelRequest::kSimt) return Kernel::kSimt;
+  if (request == KernelRequest::kSm90) {
+    if (!in.sm90_device || in.sm90_fits) return Kernel::kSm90;
+    request = KernelRequest::kAuto;
+  }
   if (request == KernelRequest::kFused) return Kernel::kMma;
   if (!in.mma_fits) return in.have_chunked ? Kernel::kChunked : Kernel::kSimt;
   if (!in.have_chunked) return Kernel::kMma;
