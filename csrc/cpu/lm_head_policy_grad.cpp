@@ -378,8 +378,22 @@ LS_ALWAYS_INLINE void topk_tile(const float* l, int64_t tv, int64_t v0, float* v
 inline void topk_tile(const double* l, int64_t tv, int64_t v0, double* vals, int64_t* idx, int64_t k) {
   for (int64_t j = 0; j < tv; ++j) topk_insert(vals, idx, k, l[j], v0 + j);
 }
+#if LS_X86_DISPATCH
+LS_TARGET_AVX512 void topk_tile_avx512(const float* l, int64_t tv, int64_t v0, float* vals, int64_t* idx, int64_t k) {
+  int64_t j = 0;
+  for (; j + 16 <= tv; j += 16) {
+    __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(l + j), _mm512_set1_ps(vals[k - 1]), _CMP_GE_OQ);
+    for (; hit; hit &= hit - 1) {
+      const int i = __builtin_ctz(hit);
+      topk_insert(vals, idx, k, l[j + i], v0 + j + i);
+    }
+  }
+  for (; j < tv; ++j) topk_insert(vals, idx, k, l[j], v0 + j);
+}
+#endif
 
-// The sampler, scalar: every entry's noise from latentseek/sampling.h, one Philox call per four entries.
+// The sampler, scalar (fp64, and CPUs without AVX-512): every entry's noise from latentseek/sampling.h, one Philox
+// call per four entries.
 template <typename acc_t>
 void sample_tile_scalar(const acc_t* l, int64_t tv, int64_t v0, uint64_t seed, uint64_t offset,
                         SampleState<acc_t>& ss) {
@@ -401,45 +415,13 @@ void sample_tile_scalar(const acc_t* l, int64_t tv, int64_t v0, uint64_t seed, u
   }
 }
 
-// Sixteen lanes of 32-bit integers / floats and eight of 64-bit integers (AVX-512 registers under LS_TARGET_AVX512,
-// pairs of AVX registers under AVX2).
-typedef uint32_t vu16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
-typedef uint64_t vu8x64 __attribute__((vector_size(64)));
+#if LS_X86_DISPATCH
 typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
 
-LS_ALWAYS_INLINE vu16 splatu16(uint32_t x) { return vu16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 LS_ALWAYS_INLINE vf16 splatf16(float x) { return vf16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 LS_ALWAYS_INLINE vf16 select16(vi16 mask, vf16 a, vf16 b) {
   return reinterpret_cast<vf16>((reinterpret_cast<vi16>(a) & mask) | (reinterpret_cast<vi16>(b) & ~mask));
-}
-
-// (hi, lo) of the 32 x 32-bit products a * m, lane by lane: the even and the odd lanes as 64-bit products.
-LS_ALWAYS_INLINE void mulhilo16(vu16 a, uint32_t m, vu16& hi, vu16& lo) {
-  const vu8x64 a64 = reinterpret_cast<vu8x64>(a);
-  const vu8x64 mask = vu8x64{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu,
-                             0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu};
-  const vu8x64 even = (a64 & mask) * m, odd = (a64 >> 32) * m;
-  lo = reinterpret_cast<vu16>((even & mask) | (odd << 32));
-  hi = reinterpret_cast<vu16>((even >> 32) | (odd & ~mask));
-}
-
-// Philox4x32-10 of 16 counters (c0 lane by lane, c1..c3 shared) under key (k0, k1), in place.
-LS_ALWAYS_INLINE void philox16(vu16& c0, vu16& c1, vu16& c2, vu16& c3, uint32_t k0, uint32_t k1) {
-  for (int r = 0; r < kPhiloxRounds; ++r) {
-    if (r) {
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    vu16 hi0, lo0, hi1, lo1;
-    mulhilo16(c0, kPhiloxM0, hi0, lo0);
-    mulhilo16(c2, kPhiloxM1, hi1, lo1);
-    const vu16 n0 = hi1 ^ c1 ^ splatu16(k0), n2 = hi0 ^ c3 ^ splatu16(k1);
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-  }
 }
 
 // log(x) for positive normal x (Cephes logf, ~1 ulp; x - 1 is exact near 1, so -log(u) keeps its relative accuracy
@@ -467,68 +449,101 @@ LS_ALWAYS_INLINE vf16 log16(vf16 x) {
   return (m + y) + e * splatf16(0.693359375f);
 }
 
-// The sampler, vectorised: 16 Philox counters (64 entries) at a time. Most entries cannot win, and that is known
-// from their bits alone: with d = (best score so far) - l'_v - margin and n = floor(d log2 e) clamped to [0, 24],
-// 1 - u >= 2^-n >= e^-d implies u <= 1 - e^-d <= exp(-e^-d), i.e. g <= d: the entry's score stays below the best.
-// The two logarithms run only for the blocks of 16 where some entry passes that test. The margin (1e-3 + 2^-20 of
-// the score) covers the rounding of d and of the kernel's g.
-LS_ALWAYS_INLINE void sample_tile_vec(const float* l, int64_t tv, int64_t v0, uint64_t seed, uint64_t offset,
-                                      SampleState<float>& ss) {
-  const int64_t g_begin = v0 >> 2, g_end = (v0 + tv + 3) >> 2;
-  const vu16 iota = vu16{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+// (hi, lo) of the 32 x 32-bit products c * m in 16 lanes: the even and the odd lanes as 64-bit products.
+LS_ALWAYS_INLINE LS_TARGET_AVX512 void mulhilo16(__m512i c, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(c, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+// The sampler in AVX-512: 16 Philox counters (64 entries) at a time.
+//  - A block of 64 logits whose maximum plus kGumbelBound stays below the best perturbed score is skipped.
+//  - The 64 logits are loaded as four vectors and transposed 4 x 4 inside each 128-bit lane, so that vector L holds
+//    the entries 4 (g0 + j) + L of lane L of Philox, with the groups j in the order jp below.
+//  - Most entries cannot win, and that is known from their bits alone: with d = (best score so far) - l'_v - margin
+//    and n = floor(d log2 e) clamped to [0, 24], 1 - u >= 2^-n >= e^-d implies u <= 1 - e^-d <= exp(-e^-d), i.e.
+//    g <= d: the entry's score stays below the best. The two logarithms run only for the vectors of 16 where some
+//    entry passes that test. The margin (1e-3 + 2^-20 of the score) covers the rounding of d and of the kernel's g.
+//  - Candidates go through a scalar update by (score, then lowest index), since lanes are not in index order.
+LS_TARGET_AVX512 void sample_tile_avx512(const float* l, int64_t tv, int64_t v0, uint64_t seed, uint64_t offset,
+                                         SampleState<float>& ss) {
+  static const int32_t jp[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+  const __m512i lane_group = _mm512_loadu_si512(jp);
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int32_t>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int32_t>(kPhiloxM1));
+  const __m512i off_lo = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset)));
+  const __m512i off_hi = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(offset >> 32)));
   const float ninf = -std::numeric_limits<float>::infinity();
-  alignas(64) uint32_t lanes[4][16];
-  alignas(64) uint32_t bits[64];
+  const int64_t g_begin = v0 >> 2, g_end = (v0 + tv + 3) >> 2;
   alignas(64) float lv[64];
+  alignas(64) float sc[16], xs[16];
   for (int64_t g0 = g_begin; g0 < g_end; g0 += 16) {
-    vu16 c0 = splatu16(static_cast<uint32_t>(g0)) + iota;
-    vu16 c1 = splatu16(static_cast<uint32_t>(offset)), c2 = splatu16(static_cast<uint32_t>(offset >> 32));
-    vu16 c3 = splatu16(0);
-    philox16(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-    std::memcpy(lanes[0], &c0, 64);
-    std::memcpy(lanes[1], &c1, 64);
-    std::memcpy(lanes[2], &c2, 64);
-    std::memcpy(lanes[3], &c3, 64);
-    for (int j = 0; j < 16; ++j)
-      for (int L = 0; L < 4; ++L) bits[4 * j + L] = lanes[L][j];
-    // The logits of entries 4 g0 .. 4 g0 + 63, -inf outside the tile.
-    const int64_t first = 4 * g0 - v0;
+    const int64_t first = 4 * g0 - v0;  // the tile position of entry 4 g0
     const float* src = l + first;
-    if (first < 0 || first + 64 > tv) {
+    if (first < 0 || first + 64 > tv) {  // the tile's edges: -inf outside
       for (int64_t i = 0; i < 64; ++i) lv[i] = first + i >= 0 && first + i < tv ? l[first + i] : ninf;
       src = lv;
     }
-    for (int b = 0; b < 64; b += 16) {
-      vf16 x;
-      std::memcpy(&x, src + b, 64);
-      vu16 k;
-      std::memcpy(&k, bits + b, 64);
-      const vi16 odd = reinterpret_cast<vi16>(((k >> (32 - kUniformBits)) << 1) | 1u);
-      const vf16 u = __builtin_convertvector(odd, vf16) * splatf16(5.9604644775390625e-8f);
-      const vf16 q = splatf16(1.0f) - u;  // exact: an odd multiple of 2^-24 below 1
+    const __m512 a0 = _mm512_loadu_ps(src), a1 = _mm512_loadu_ps(src + 16);
+    const __m512 a2 = _mm512_loadu_ps(src + 32), a3 = _mm512_loadu_ps(src + 48);
+    const float block_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)));
+    if (block_max + kGumbelBound < ss.score) continue;
+    const __m512d t0 = _mm512_castps_pd(_mm512_unpacklo_ps(a0, a1)), t1 = _mm512_castps_pd(_mm512_unpackhi_ps(a0, a1));
+    const __m512d t2 = _mm512_castps_pd(_mm512_unpacklo_ps(a2, a3)), t3 = _mm512_castps_pd(_mm512_unpackhi_ps(a2, a3));
+    const __m512 x[4] = {_mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2)), _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2)),
+                         _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3)), _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3))};
+    // Lane p of x[L] is entry 4 (g0 + jp[p]) + L: Philox's counter of lane p is group g0 + jp[p].
+    __m512i c[4] = {_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(g0)), lane_group), off_lo, off_hi,
+                    _mm512_setzero_si512()};
+    uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      if (r) {
+        k0 += kPhiloxW0;
+        k1 += kPhiloxW1;
+      }
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo16(c[0], m0, hi0, lo0);
+      mulhilo16(c[2], m1, hi1, lo1);
+      c[0] = _mm512_ternarylogic_epi32(hi1, c[1], _mm512_set1_epi32(static_cast<int32_t>(k0)), 0x96);
+      c[2] = _mm512_ternarylogic_epi32(hi0, c[3], _mm512_set1_epi32(static_cast<int32_t>(k1)), 0x96);
+      c[1] = lo1;
+      c[3] = lo0;
+    }
+    for (int L = 0; L < 4; ++L) {
+      const __m512i odd = _mm512_or_si512(_mm512_slli_epi32(_mm512_srli_epi32(c[L], 32 - kUniformBits), 1),
+                                          _mm512_set1_epi32(1));
+      const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(odd), _mm512_set1_ps(5.9604644775390625e-8f));
+      const __m512 q = _mm512_sub_ps(_mm512_set1_ps(1.0f), u);  // exact: an odd multiple of 2^-24 below 1
       const float best = ss.score;
-      const vf16 d = (splatf16(best) - x) - splatf16(1e-3f + std::fabs(best) * 9.5367431640625e-7f);
-      // n = clamp(floor(d log2 e), 0, 24); NaN d (a NaN logit) counts as a possible winner.
-      const vf16 t = d * splatf16(1.44269504088896341f);
-      const vf16 tc = select16(t > splatf16(24.0f), splatf16(24.0f), select16(t > splatf16(0.0f), t, splatf16(0.0f)));
-      const vi16 n = __builtin_convertvector(tc, vi16);  // truncation = floor for tc >= 0
-      const vf16 pow2 = reinterpret_cast<vf16>((127 - n) << 23);
-      const vi16 cannot_win = (q >= pow2) & (d == d);
-      bool all_out = true;
-      for (int i = 0; i < 16; ++i) all_out = all_out && cannot_win[i] != 0;
-      if (all_out) continue;
-      const vf16 g = -log16(-log16(u));
-      const vf16 score = x + g;
-      for (int i = 0; i < 16; ++i) {  // in index order: strict > keeps the lowest index of a tie
-        if (score[i] > ss.score) {
-          ss.score = score[i];
-          ss.logit = x[i];
-          ss.idx = v0 + first + b + i;
+      const __m512 d = _mm512_sub_ps(_mm512_sub_ps(_mm512_set1_ps(best), x[L]),
+                                     _mm512_set1_ps(1e-3f + std::fabs(best) * 9.5367431640625e-7f));
+      // n = clamp(floor(d log2 e), 0, 24); max_ps gives 0 for a NaN d (a NaN logit, or -inf on both sides): "may win".
+      const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(d, _mm512_set1_ps(1.44269504088896341f)),
+                                                   _mm512_setzero_ps()),
+                                     _mm512_set1_ps(24.0f));
+      const __m512i n = _mm512_cvttps_epi32(t);
+      const __m512 pow2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(_mm512_set1_epi32(127), n), 23));
+      if (_mm512_cmp_ps_mask(q, pow2, _CMP_GE_OQ) == 0xFFFF) continue;
+      const vf16 g = -log16(-log16(reinterpret_cast<vf16>(u)));
+      const __m512 score = _mm512_add_ps(x[L], reinterpret_cast<__m512>(g));
+      __mmask16 maybe = _mm512_cmp_ps_mask(score, _mm512_set1_ps(best), _CMP_GE_OQ);
+      if (!maybe) continue;
+      _mm512_store_ps(sc, score);
+      _mm512_store_ps(xs, x[L]);
+      for (; maybe; maybe &= maybe - 1) {
+        const int p = __builtin_ctz(maybe);
+        const int64_t v = 4 * (g0 + jp[p]) + L;
+        if (v < v0 || v >= v0 + tv) continue;
+        if (sc[p] > ss.score || (sc[p] == ss.score && v < ss.idx)) {
+          ss.score = sc[p];
+          ss.logit = xs[p];
+          ss.idx = v;
         }
       }
     }
   }
 }
+#endif
 
 // The per-row update of one tile with options: update_rows_impl plus the options, in the order that keeps each
 // step's input: scale, (max, argmax, NaN, given token), top-k and sampling on l', then the exp pass with s2.
@@ -551,15 +566,36 @@ LS_ALWAYS_INLINE void update_rows_options_impl(const TileRows<acc_t>& t, const T
       const int64_t j = t.tokens[i] - t.v0;
       if (j >= 0 && j < t.tv) st.lx = l[j];
     }
-    if (o.k) topk_tile(l, t.tv, t.v0, o.top_v + i * o.k, o.top_i + i * o.k, o.k);
+    if (o.k && tmax >= o.top_v[i * o.k + o.k - 1]) {  // else no entry of the tile enters the list
+      acc_t* vals = o.top_v + i * o.k;
+      int64_t* idx = o.top_i + i * o.k;
+#if LS_X86_DISPATCH
+      if constexpr (std::is_same<acc_t, float>::value) {
+        if (cpu_caps().avx512) {
+          topk_tile_avx512(l, t.tv, t.v0, vals, idx, o.k);
+        } else {
+          topk_tile(l, t.tv, t.v0, vals, idx, o.k);
+        }
+      } else {
+        topk_tile(l, t.tv, t.v0, vals, idx, o.k);
+      }
+#else
+      topk_tile(l, t.tv, t.v0, vals, idx, o.k);
+#endif
+    }
     if (o.sample && tmax + acc_t(kGumbelBound) >= o.sample[i].score) {
+      bool vectorised = false;
       const int64_t row = o.r0 + i;
       const uint64_t offset = static_cast<uint64_t>(o.offsets ? o.offsets[i] : row);
+#if LS_X86_DISPATCH
       if constexpr (std::is_same<acc_t, float>::value) {
-        sample_tile_vec(l, t.tv, t.v0, o.seed, offset, o.sample[i]);
-      } else {
-        sample_tile_scalar(l, t.tv, t.v0, o.seed, offset, o.sample[i]);
+        if (cpu_caps().avx512) {
+          sample_tile_avx512(l, t.tv, t.v0, o.seed, offset, o.sample[i]);
+          vectorised = true;
+        }
       }
+#endif
+      if (!vectorised) sample_tile_scalar(l, t.tv, t.v0, o.seed, offset, o.sample[i]);
     }
     const acc_t m_new = tmax > st.m ? tmax : st.m;
     const acc_t scale = rescale_factor(st.m, m_new);
