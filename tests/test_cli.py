@@ -58,8 +58,9 @@ def tiny(monkeypatch, device):
     model = tiny_model("qwen2", vocab_size=len(tok), device=device)
     calls = Calls()
 
-    def fake_load(path, gguf_file=None, dtype=None, device="cpu"):
+    def fake_load(path, gguf_file=None, dtype=None, device="cpu", weights="dense"):
         calls.append((path, gguf_file, dtype, device))
+        calls.weights.append(weights)
         return model, tok
 
     monkeypatch.setattr(cli, "load_model", fake_load)
@@ -69,6 +70,10 @@ def tiny(monkeypatch, device):
 
 class Calls(list):
     """The load_model calls, and the model and tokenizer it hands out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: list[str] = []  # the weights= of each call
 
 
 @pytest.fixture
@@ -209,3 +214,10 @@ def test_dtype_auto_leaves_the_choice_to_load_model(tmp_path, dataset, tiny):
         args = _eval_args(dataset, tmp_path / dtype, "--method", "cot", "--max-new-tokens", "2", "--limit", "1")
         assert main([*args, "--dtype", dtype]) == 0
     assert [call[2] for call in tiny] == [None, torch.bfloat16]  # None: load_model's default_dtype(device)
+    assert tiny.weights == ["dense", "dense"]
+
+
+def test_weights_reach_load_model(tmp_path, dataset, tiny):
+    args = _eval_args(dataset, tmp_path / "int4", "--method", "cot", "--max-new-tokens", "2", "--limit", "1")
+    assert main([*args, "--weights", "int4"]) == 0
+    assert tiny.weights == ["int4"]

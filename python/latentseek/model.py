@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache
 
 from .errors import ModelLoadError
 from .gguf_header import GGUF_MAGIC, read_gguf_header
+from .quant import WEIGHTS, Weights, decode_head, quantize_weights
 
 # Config attributes of transformers models that change the logits after the LM head, with their neutral values.
 _LOGIT_TRANSFORMS = {
@@ -79,6 +80,8 @@ class ModelAdapter:
         self.bias = None if bias is None else bias.detach()
         embeddings = model.get_input_embeddings()
         self.tied = embeddings is not None and embeddings.weight.data_ptr() == weight.data_ptr()
+        # the quantised copy of the head that latentseek.quant.quantize_weights gave the model, or None
+        self.decode_head = decode_head(model)
         if check:
             self.check_logits()
 
@@ -114,7 +117,11 @@ class ModelAdapter:
         return text_config.num_hidden_layers
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``W h + b`` for hidden states ``[*, H]`` in the model's dtype."""
+        """The logits generation picks tokens from, for hidden states ``[*, H]`` in the model's dtype: ``W h + b``,
+        or where the model's weights were quantised (:func:`latentseek.quant.quantize_weights`) its quantised copy
+        of the head. The LatentSeek op always uses the dense ``W`` (:attr:`weight`)."""
+        if self.decode_head is not None:
+            return self.decode_head(hidden)
         return F.linear(hidden, self.weight, self.bias)
 
     def hidden(
@@ -139,7 +146,7 @@ class ModelAdapter:
         """Raise ModelLoadError unless ``model(ids).logits == W h + b`` with h the base model's last hidden state."""
         ids = torch.arange(1, _CHECK_TOKENS + 1, device=self.device)[None] % self.vocab_size
         expected = self.model(input_ids=ids).logits.float()
-        got = self.logits(self.hidden(ids)).float()
+        got = F.linear(self.hidden(ids), self.weight, self.bias).float()
         if expected.shape != got.shape:
             raise ModelLoadError(
                 f"{type(self.model).__name__}'s logits have shape {list(expected.shape)} but its LM head gives "
@@ -194,6 +201,7 @@ def load_model(
     device: str | torch.device = "cpu",
     *,
     chat_template: str | None = None,
+    weights: Weights = "dense",
 ):
     """Load ``(model, tokenizer)`` from a local transformers directory or a GGUF file, ready for LatentSeek.
 
@@ -206,6 +214,9 @@ def load_model(
         device: where the model goes.
         chat_template: a Jinja chat template for a tokenizer that has none (LatentSeek prompts through the chat
             template); None keeps the tokenizer's own.
+        weights: ``"dense"`` (as loaded, in ``dtype``), or ``"int8"`` / ``"int4"``: the decoder's linears and a
+            decoding copy of the LM head quantised weight-only for torch's CPU kernels
+            (:func:`latentseek.quant.quantize_weights`; CPU only). The dense LM head stays for the LatentSeek op.
 
     Returns:
         the causal LM in eval mode without parameter gradients, and its tokenizer.
@@ -222,6 +233,13 @@ def load_model(
 
     path = os.fspath(path)
     device = _checked_device(device)
+    if weights not in WEIGHTS:
+        raise ModelLoadError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if weights != "dense" and device.type != "cpu":
+        raise ModelLoadError(
+            f"weights={weights!r} runs on torch's CPU kernels, but device {str(device)!r} was asked for; "
+            "use device='cpu' or weights='dense'"
+        )
     directory, gguf_file = _locate(path, gguf_file)
     if gguf_file is not None:
         header = read_gguf_header(os.path.join(directory, gguf_file))
@@ -258,6 +276,7 @@ def load_model(
         )
     model = model.to(device)
     model.eval().requires_grad_(False)
+    quantize_weights(model, weights)
     return model, tokenizer
 
 

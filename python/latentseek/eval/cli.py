@@ -27,6 +27,7 @@ from latentseek.eval.report import report
 from latentseek.eval.runner import ON_ERROR, init_distributed, run_eval
 from latentseek.eval.storage import RESULTS_FILE
 from latentseek.model import load_model
+from latentseek.quant import WEIGHTS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=("auto", *DTYPES),
         default="auto",
         help="weights dtype (auto: bf16 on CUDA and on CPUs with bf16 units, AMX or AVX512-BF16; else fp32)",
+    )
+    g.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default="dense",
+        help="int8 / int4: the decoder's linears and a decoding copy of the LM head weight-only quantised on torch's "
+        "CPU kernels (faster CPU decoding; cpu only); the op keeps the dense LM head",
     )
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun cuda means cuda:LOCAL_RANK)")
 
@@ -134,7 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(args: argparse.Namespace, device: str):
     return load_model(
-        args.model, gguf_file=args.gguf_file, dtype=None if args.dtype == "auto" else DTYPES[args.dtype], device=device
+        args.model,
+        gguf_file=args.gguf_file,
+        dtype=None if args.dtype == "auto" else DTYPES[args.dtype],
+        device=device,
+        weights=args.weights,
     )
 
 
