@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import latentseek_ext
-from checking import ALL_DTYPES, check_outputs, check_policy_grad, judge, revealing_inputs
+from checking import ALL_DTYPES, check_options_call, check_outputs, check_policy_grad, judge, revealing_inputs
 from latentseek_ext import reference
 
 if not torch.cuda.is_available():
@@ -448,3 +448,258 @@ def test_n_times_v_above_2_pow_31(monkeypatch, kernel):
     tokens[-1] = v - 1
     # The checker builds its float64 truth in row chunks (the full [N, V] logits would take 20 GB).
     check_policy_grad(ext, hidden, weight, None, tokens)
+
+
+# --- options (issue 14 §1): temperature, entropy, top-k, Gumbel-max sampling --------------------------------------
+# Every call with an option runs the chunked path's row kernel (csrc/cuda/chunked.cuh), in every dtype, whatever
+# LATENTSEEK_CUDA_KERNEL says. tests/checking.py judges every output against the float64 truth: logp and grad of
+# l' = l / T, the sampled tokens by their perturbed scores, the entropy and the top-k (values, ranks, exact ties).
+
+# V over the chunk length of every GPU (a row of fp32 logits in at most ~114 KB of shared memory: <= 29 K
+# entries), odd, so that the running entropy, top-k list and sampled maximum cross several chunks and a ragged one.
+MULTI_CHUNK_V = 100_003
+
+
+def ext_options(hidden, weight, reward=None, tokens=None, bias=None, **options):
+    """(tokens, logp, grad, *extra) of the CUDA kernel with keyword options."""
+    return latentseek_ext.lm_head_policy_grad(hidden, weight, reward, tokens, bias, impl="ext", **options)
+
+
+def check_options(hidden, weight, reward=None, tokens=None, bias=None, **options):
+    """Runs the CUDA kernel with the options, asserts the checker's verdict and returns the outputs."""
+    verdict, outputs = check_options_call(ext_options, hidden, weight, reward, tokens, bias, **options)
+    assert verdict.ok, f"{hidden.dtype} {tuple(hidden.shape)} V={weight.shape[0]} {options}: {verdict}"
+    return outputs
+
+
+def exact_grid_inputs(n, h, v, dtype, seed):
+    """Inputs whose logits every summation order computes exactly (z in k/8, W in k/16, |k| <= 4, h <= 64: partial
+    sums are multiples of 2^-7 below 2^5), with many exact ties, also across chunk boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randint(-4, 5, (n, h), generator=g).double() / 8
+    w = torch.randint(-4, 5, (v, h), generator=g).double() / 16
+    return z.to(dtype).to(DEV), w.to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("temperature", [0.5, 0.7, 2.0])
+@pytest.mark.parametrize("shape", [(7, 128, 5003), (5, 64, MULTI_CHUNK_V)], ids=lambda s: "x".join(map(str, s)))
+def test_options_match_float64_truth(dtype, temperature, shape):
+    n, h, v = shape
+    hidden, weight = make_inputs(n, h, v, dtype, peaked=True, seed=n + v)
+    g = torch.Generator().manual_seed(3)
+    bias = (torch.randn(v, generator=g, dtype=torch.float64) * 0.5).to(dtype).to(DEV)
+    reward = torch.randn(n, generator=g).to(DEV)
+    tokens = torch.randint(0, v, (n,), generator=g).to(DEV)
+    check_options(hidden, weight, reward, None, bias, temperature=temperature, entropy=True, topk=5)
+    x = check_options(hidden, weight, 0.5, tokens, None, temperature=temperature, topk=1)[0]
+    assert torch.equal(x, tokens)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_options_on_the_revealing_inputs(dtype):
+    # The inputs on which tests/test_checker.py shows the wrong implementations failing: at T = 1 (entropy / top-k
+    # alone) and T = 0.8 the kernel uses at most half of the allowed error; the exact ties go to the lower index.
+    hidden, weight, reward, bias = revealing_inputs(dtype, DEV)
+    for temperature in (1.0, 0.8):
+        verdict, _ = check_options_call(
+            ext_options, hidden, weight, reward, None, bias, temperature=temperature, entropy=True, topk=32
+        )
+        print(f"{dtype} T={temperature}: {verdict}")
+        assert verdict.ok and verdict.worst() <= 0.5, str(verdict)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_topk_and_argmax_ties_go_to_the_lowest_index(dtype):
+    # Exact logits with many ties (also across the chunk boundaries): the top-k list is exactly the stable sort.
+    n, h, v, k = 6, 64, MULTI_CHUNK_V, 32
+    hidden, weight = exact_grid_inputs(n, h, v, dtype, seed=31)
+    for t in (1.0, 0.5):
+        x, _, _, _, top_tok = check_options(hidden, weight, temperature=t, topk=k)
+        logits = reference._logits(hidden.double(), weight.double(), None) / t
+        _, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+        assert torch.equal(top_tok, order[:, :k])
+        assert torch.equal(x, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(16, 128, 4099), (6, 64, MULTI_CHUNK_V)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 3.0])
+def test_sampling_draws_the_gumbel_max_token(dtype, shape, temperature):
+    n, h, v = shape
+    hidden, weight = make_inputs(n, h, v, dtype, seed=41)
+    offsets = (torch.arange(n, dtype=torch.int64) * 7919 + 2**33).to(DEV)  # both halves of the 64-bit counter
+    kw = dict(temperature=temperature, sample=True, seed=2**40 + 5)
+    x = check_options(hidden, weight, None, None, None, **kw, offsets=offsets, entropy=True, topk=3)[0]
+    # Another seed (a flat softmax at T = 3) draws other tokens; the same call draws the same ones.
+    assert torch.equal(x, ext_options(hidden, weight, **kw, offsets=offsets)[0])
+    if temperature == 3.0:
+        assert not torch.equal(x, check_options(hidden, weight, temperature=3.0, sample=True, seed=6)[0])
+
+
+def test_sampling_matches_the_cpu_kernel_and_the_reference():
+    # Same seed and offsets: the CUDA kernel, the CPU kernel and the reference (float32) draw the same tokens, except
+    # where two perturbed scores tie within their rounding (the checker judges each by value).
+    n, h, v = 24, 128, 20011
+    hidden, weight = make_inputs(n, h, v, torch.float32, seed=43)
+    offsets = torch.arange(100, 100 + n, dtype=torch.int64)
+    kw = dict(temperature=0.8, sample=True, seed=123456789)
+    cuda = check_options(hidden, weight, **kw, offsets=offsets.to(DEV))[0].cpu()
+    others = {"reference": latentseek_ext.lm_head_policy_grad(hidden.cpu(), weight.cpu(), **kw, offsets=offsets,
+                                                              impl="reference")[0]}  # fmt: skip
+    if "cpu" in latentseek_ext.ops.EXTENSION_OPTIONS_DEVICES:
+        others["cpu kernel"] = latentseek_ext.lm_head_policy_grad(
+            hidden.cpu(), weight.cpu(), **kw, offsets=offsets, impl="ext"
+        )[0]
+    for name, other in others.items():
+        differ = (cuda != other).nonzero()[:, 0].tolist()
+        assert len(differ) <= 1, f"{name}: rows {differ} drew other tokens"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_sampling_does_not_depend_on_the_batch(dtype):
+    # A row's token depends on (seed, its offset, its logits) only: rows drawn alone, in another order or inside a
+    # bigger batch get the same tokens (up to a near-tie: cuBLAS may round a row's logits differently at another N).
+    n, h, v = 40, 128, 6007
+    hidden, weight = make_inputs(n, h, v, dtype, seed=47)
+    offsets = torch.arange(n, dtype=torch.int64, device=DEV) * 3 + 11
+    kw = dict(temperature=1.3, sample=True, seed=99, entropy=True, topk=4)
+    full = check_options(hidden, weight, **kw, offsets=offsets)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(5)).to(DEV)
+    for rows in (perm, perm[:7], perm[:1]):
+        part = check_options(hidden[rows], weight, **kw, offsets=offsets[rows])
+        assert int((part[0] != full[0][rows]).sum()) <= 1
+        torch.testing.assert_close(part[3], full[3][rows], rtol=1e-5, atol=1e-5)  # entropy
+        torch.testing.assert_close(part[4], full[4][rows], rtol=1e-5, atol=1e-5)  # top-k log p
+    # offsets=None is the row index: the same draw as the offsets 0..N-1 given.
+    a = ext_options(hidden, weight, temperature=1.3, sample=True, seed=99)[0]
+    b = ext_options(hidden, weight, temperature=1.3, sample=True, seed=99, offsets=torch.arange(n, device=DEV))[0]
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_options_on_non_finite_and_masked_rows(dtype):
+    # NaN and +inf rows: NaN logp, grad, entropy and top-k values, top-k tokens 0..k-1, the token (sampled or not) of
+    # torch.argmax. Rows masked to -inf but for three entries sample among them, and -inf entries (lowest index
+    # first) fill the rest of a top-k list.
+    n, h, v = 6, 64, 1300
+    hidden, weight = make_inputs(n, h, v, dtype, seed=10)
+    hidden[1, 3] = float("nan")
+    bias = torch.full((v,), float("-inf"), dtype=dtype, device=DEV)
+    bias[[5, 700, 1299]] = 0
+    ok = [0, 2, 3, 4, 5]
+    for extra in ({}, {"sample": True, "seed": 3}):
+        x, logp, grad, _, top_logp, top_tok = check_options(
+            hidden, weight, None, None, bias, temperature=0.5, entropy=True, topk=6, **extra
+        )
+        assert int(x[1]) == 0 and bool(torch.isnan(logp[1])) and bool(torch.isnan(grad[1]).all())
+        assert torch.equal(top_tok[1], torch.arange(6, device=DEV))
+        assert bool(torch.isin(x[ok], torch.tensor([5, 700, 1299], device=DEV)).all())
+        assert bool(torch.isinf(top_logp[ok, 3:]).all())
+        assert bool((top_tok[ok, 3:] == torch.tensor([0, 1, 2], device=DEV)).all())
+    inf_bias = torch.zeros(v, dtype=dtype, device=DEV)
+    inf_bias[[1000, 1200]] = float("inf")
+    x, _, _, ent, top_logp, top_tok = check_options(
+        hidden, weight, None, None, inf_bias, sample=True, seed=1, entropy=True, topk=3
+    )
+    assert bool((x[ok] == 1000).all()) and int(x[1]) == 0
+    assert bool(torch.isnan(ent).all()) and bool(torch.isnan(top_logp).all())
+    assert torch.equal(top_tok, torch.arange(3, device=DEV).expand(n, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_logprob_options_forward_backward(dtype):
+    # lm_head_logprob with options: d(sum u * logp)/d hidden = u (W_x - softmax(l / T) W) / T; entropy and top-k ride
+    # along without a gradient.
+    hidden, weight = make_inputs(10, 128, 3000, dtype, seed=12)
+    upstream = torch.arange(10, device=DEV, dtype=torch.float32)
+    h = hidden.clone().requires_grad_(True)
+    x, logp, ent, top_logp, top_tok = latentseek_ext.lm_head_logprob(
+        h, weight, temperature=0.7, entropy=True, topk=3, impl="ext"
+    )
+    (logp * upstream).sum().backward()
+    assert not ent.requires_grad and not top_logp.requires_grad
+    verdict = judge(hidden, weight, -upstream, None, None, (x, logp.detach(), h.grad), grad_dtype=dtype,
+                    temperature=0.7, entropy=ent, topk=(top_logp, top_tok))  # fmt: skip
+    assert verdict.ok, str(verdict)
+
+
+def test_options_no_host_sync_and_cuda_graph_capture():
+    # Offsets are range-checked on the device, so a sampling call never synchronises and replays in a CUDA graph.
+    hidden, weight = make_inputs(40, 256, 5000, torch.bfloat16, seed=21)
+    offsets = torch.arange(40, device=DEV) + 7
+    op = latentseek_ext.lm_head_policy_grad
+    kw = dict(temperature=0.9, sample=True, seed=5, entropy=True, topk=4, impl="ext")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        op(hidden, weight, 0.5, **kw, offsets=offsets)
+        op(hidden, weight, 0.5, **kw)
+        latentseek_ext.lm_head_logprob(hidden, weight, temperature=2.0, topk=2, impl="ext")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    static_h = hidden.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        op(static_h, weight, 0.5, **kw, offsets=offsets)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = op(static_h, weight, 0.5, **kw, offsets=offsets)
+    new_h, _ = make_inputs(40, 256, 5000, torch.bfloat16, seed=23)
+    static_h.copy_(new_h)
+    graph.replay()
+    eager = op(new_h, weight, 0.5, **kw, offsets=offsets)
+    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[5], eager[5])
+    for a, b in zip(captured[1:5], eager[1:5], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_option_errors():
+    hidden, weight = make_inputs(3, 64, 100, torch.float32)
+    op = torch.ops.latentseek_ext.lm_head_policy_grad.options
+    # The schema's own checks (the Python wrapper raises ValueError for the same mistakes first).
+    with pytest.raises(RuntimeError, match="temperature must be finite and > 0, got 0"):
+        op(hidden, weight, None, 1.0, None, None, 0.0, None, None, False, 0)
+    with pytest.raises(RuntimeError, match=r"topk must lie in \[0, min\(32, V\)\] = \[0, 32\], got 33"):
+        op(hidden, weight, None, 1.0, None, None, 1.0, None, None, False, 33)
+    with pytest.raises(RuntimeError, match="offsets must be on hidden's device"):
+        op(hidden, weight, None, 1.0, None, None, 1.0, 5, torch.zeros(3, dtype=torch.int64), False, 0)
+    with pytest.raises(RuntimeError, match="offsets must be int64"):
+        op(hidden, weight, None, 1.0, None, None, 1.0, 5, torch.zeros(3, dtype=torch.int32, device=DEV), False, 0)
+    with pytest.raises(RuntimeError, match=r"offsets must have shape hidden.shape\[:-1\] = \[3\], got shape \[4\]"):
+        op(hidden, weight, None, 1.0, None, None, 1.0, 5, torch.zeros(4, dtype=torch.int64, device=DEV), False, 0)
+    with pytest.raises(RuntimeError, match="tokens must be None"):
+        op(hidden, weight, None, 1.0, torch.zeros(3, dtype=torch.int64, device=DEV), None, 1.0, 5, None, False, 0)
+    f = latentseek_ext.lm_head_policy_grad
+    with pytest.raises(ValueError, match="needs a seed"):
+        f(hidden, weight, sample=True, impl="ext")
+    with pytest.raises(ValueError, match="temperature must be finite and > 0, got -1"):
+        f(hidden, weight, temperature=-1.0, impl="ext")
+
+
+_BAD_OFFSET_SCRIPT = """
+import sys, torch, latentseek_ext
+hidden = torch.randn(4, 64, device="cuda")
+weight = torch.randn(2000, 64, device="cuda")
+offsets = torch.tensor([0, 5, -3, 1], device="cuda")
+latentseek_ext.lm_head_policy_grad(hidden, weight, sample=True, seed=1, offsets=offsets, impl="ext")  # no host read
+print("call returned", flush=True)
+try:
+    torch.cuda.synchronize()
+except RuntimeError as e:
+    print("sync error:", e, flush=True)
+    sys.exit(3)
+"""
+
+
+def test_negative_offset_fails_at_the_next_sync():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _BAD_OFFSET_SCRIPT], capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out
+    assert "call returned" in proc.stdout and "device-side assert" in out, out
+    assert "offsets must be >= 0, got -3 at row 2" in out, out

@@ -183,7 +183,7 @@ __device__ __forceinline__ void topk_candidate(const acc_t* row, int len, bool f
 }
 
 template <typename scalar_t, typename acc_t, bool kOpts>
-__global__ void __launch_bounds__(kChunkThreads, 2) chunk_rows_kernel(const ChunkArgs<scalar_t, acc_t> a) {
+__global__ void __launch_bounds__(kChunkThreads, kOpts ? 1 : 2) chunk_rows_kernel(const ChunkArgs<scalar_t, acc_t> a) {
   extern __shared__ __align__(16) unsigned char chunk_smem[];
   acc_t* row = reinterpret_cast<acc_t*>(chunk_smem);  // [len]: this row's l'
   __shared__ acc_t red_v[kChunkWarps];

@@ -9,7 +9,7 @@
 // 1. fused_mma_kernel (fused_mma.cuh): bf16 / fp16 on the tensor cores, one pass over W.
 // 2. fused_simt_kernel (simt.cuh): fp32 / fp64, and the bf16 / fp16 inputs the tensor cores cannot take.
 // 3. chunked (chunked.cuh): bf16 / fp16 with many rows, cuBLAS products around a per-chunk row kernel, and its
-//    finish kernel.
+//    finish kernel; also every call with options (temperature, sample, entropy, top-k), in any dtype.
 // 4. sm90_kernel (sm90.cuh): bf16 / fp16 on sm_90a (TMA, wgmma, a cluster splitting H), only when forced (sm90).
 // merge_splits_kernel (merge.cuh) merges the vocabulary splits of the fused kernels.
 // This file holds the launchers: kernel and grid choice, buffers, the stream, the device entry and registration.
@@ -103,6 +103,7 @@ int ctas_per_sm(const void* kernel, int threads, size_t smem, int device) {
 
 struct Outputs {
   at::Tensor tokens, logp, grad;  // grad [N, H] in the accumulation dtype, or undefined without grad
+  at::Tensor entropy, topk_logp, topk_tokens;  // the options' outputs (LmHeadOutputs), or undefined
 };
 
 template <typename acc_t>
@@ -382,7 +383,10 @@ void run_chunked(const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cuda
   const bool with_grad = out.grad.defined();
   const int64_t N = p.N, H = p.H, V = p.V;
   const int device = z.get_device();
-  const auto rows_kernel = chunk_rows_kernel<scalar_t, acc_t, false>;
+  const LmHeadOptions& opt = p.opt;
+  const bool with_opts = opt.any();
+  const auto rows_kernel =
+      with_opts ? chunk_rows_kernel<scalar_t, acc_t, true> : chunk_rows_kernel<scalar_t, acc_t, false>;
   // A row of L lives in shared memory: at most half of the per-block limit, so that two blocks share an SM.
   const size_t smem_cap = static_cast<size_t>(device_info(device).smem_per_block_optin - 4096) / 2 / 1024 * 1024;
   LS_CHECK(ctas_per_sm(reinterpret_cast<const void*>(rows_kernel), kChunkThreads, smem_cap, device) > 0,
@@ -405,7 +409,14 @@ void run_chunked(const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cuda
   a.state = reinterpret_cast<ChunkState<acc_t>*>(state.data_ptr());
   a.p = with_grad ? probs.data_ptr<scalar_t>() : nullptr;
   a.o = with_grad ? out.grad.data_ptr<acc_t>() : nullptr;
-  a.temperature = acc_t(1);
+  a.temperature = static_cast<acc_t>(opt.temperature);
+  a.entropy = opt.entropy;
+  a.sample = opt.sample;
+  a.seed = opt.seed;
+  a.offsets = opt.offsets.defined() ? opt.offsets.data_ptr<int64_t>() : nullptr;
+  a.topk = static_cast<int>(opt.topk);
+  a.topk_val = opt.topk > 0 ? out.topk_logp.data_ptr<acc_t>() : nullptr;
+  a.topk_idx = opt.topk > 0 ? out.topk_tokens.data_ptr<int64_t>() : nullptr;
   for (int64_t c = 0; c < plan.count; ++c) {
     const int64_t c0 = c * plan.len, cur = std::min(plan.len, V - c0);
     const at::Tensor wc = p.weight.narrow(0, c0, cur);
@@ -434,7 +445,12 @@ void run_chunked(const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cuda
   f.N = a.N;
   f.V = a.V;
   f.H = H;
-  f.temperature = acc_t(1);
+  f.temperature = a.temperature;
+  f.sample = a.sample;
+  f.entropy_out = opt.entropy ? out.entropy.data_ptr<acc_t>() : nullptr;
+  f.topk = a.topk;
+  f.topk_val = a.topk_val;
+  f.topk_idx = a.topk_idx;
   f.tokens_out = out.tokens.data_ptr<int64_t>();
   f.logp_out = out.logp.data_ptr<acc_t>();
   f.grad_out = a.o;
@@ -494,6 +510,8 @@ void run_cuda(const LmHeadProblem& p, Outputs& out) {
   // The kernels index hidden as a dense [N, H] matrix whose rows start on 16-byte boundaries (cp.async).
   at::Tensor z = p.hidden;
   if (!z.is_contiguous() || !aligned16(z.data_ptr())) z = z.clone(at::MemoryFormat::Contiguous);
+  // The options (temperature, sample, entropy, top-k) live in the chunked path's row kernel only, for every dtype.
+  if (p.opt.any()) return run_chunked<scalar_t, acc_t>(p, z, out, stream);
   const Plan plan = plan_call(p, out.grad.defined(), z.get_device());
   if constexpr (std::is_same<scalar_t, at::BFloat16>::value || std::is_same<scalar_t, at::Half>::value) {
     if (plan.kernel == Kernel::kMma) {
@@ -521,7 +539,8 @@ struct CudaDevice {
   };
   template <typename scalar_t, typename acc_t>
   static void run(const LmHeadProblem& p, LmHeadOutputs& out) {
-    Outputs o{out.tokens, out.logp, out.with_grad ? out.grad : at::Tensor()};
+    Outputs o{out.tokens,  out.logp,      out.with_grad ? out.grad : at::Tensor(),
+              out.entropy, out.topk_logp, out.topk_tokens};
     run_cuda<scalar_t, acc_t>(p, o);
   }
 };
@@ -532,6 +551,8 @@ TORCH_LIBRARY_IMPL(latentseek_ext, CUDA, m) {
   m.impl("lm_head_policy_grad", &lm_head_policy_grad_entry<CudaDevice>);
   m.impl("lm_head_policy_grad.float_reward", &lm_head_policy_grad_float_reward_entry<CudaDevice>);
   m.impl("lm_head_logprob", &lm_head_logprob_entry<CudaDevice>);
+  m.impl("lm_head_policy_grad.options", &lm_head_policy_grad_options_entry<CudaDevice>);
+  m.impl("lm_head_logprob.options", &lm_head_logprob_options_entry<CudaDevice>);
 }
 
 }  // namespace latentseek
