@@ -113,9 +113,11 @@ def check_options(
     seed: int | None,
     offsets: torch.Tensor | None,
     topk: int,
+    read_values: bool = True,
 ) -> None:
-    """The rules of the keyword options (shared by the wrapper and the reference), raising ValueError. The values of
-    ``offsets`` are read on the host, which is free on the CPU (the CUDA kernel checks them on the device)."""
+    """The rules of the keyword options (shared by the wrapper and the reference), raising ValueError. With
+    ``read_values`` the values of CPU ``offsets`` are read on the host (the wrapper leaves that to the kernel or the
+    reference it calls, so that it stays traceable by torch.compile)."""
 
     def bad(msg: str) -> None:
         raise ValueError(f"latentseek_ext: {op}: {msg}")
@@ -152,7 +154,7 @@ def check_options(
             bad(f"offsets must have shape hidden.shape[:-1] = {lead}, got shape {list(offsets.shape)}")
         if offsets.device != hidden.device:
             bad(f"offsets must be on hidden's device ({hidden.device}), got {offsets.device}")
-        if offsets.device.type == "cpu" and offsets.numel() and int(offsets.min()) < 0:
+        if read_values and offsets.device.type == "cpu" and offsets.numel() and int(offsets.min()) < 0:
             bad(f"offsets must be >= 0, got a minimum of {int(offsets.min())}")
 
 
@@ -327,7 +329,7 @@ def lm_head_logprob(
     check_inputs("lm_head_logprob", hidden, weight, None, tokens, bias)
     check_options(
         "lm_head_logprob", hidden, weight, tokens, temperature=temperature, sample=sample, seed=seed,
-        offsets=offsets, topk=topk,
+        offsets=offsets, topk=topk, read_values=not torch.compiler.is_compiling(),
     )  # fmt: skip
     lead = hidden.shape[:-1]
     _, x, logp, extra = _forward(hidden, weight, tokens, bias, float(temperature), seed, offsets, entropy, topk)
@@ -354,7 +356,7 @@ def lm_head_policy_grad(
     check_inputs("lm_head_policy_grad", hidden, weight, reward_t, tokens, bias)
     check_options(
         "lm_head_policy_grad", hidden, weight, tokens, temperature=temperature, sample=sample, seed=seed,
-        offsets=offsets, topk=topk,
+        offsets=offsets, topk=topk, read_values=not torch.compiler.is_compiling(),
     )  # fmt: skip
     acc = acc_dtype(hidden.dtype)
     lead, H = hidden.shape[:-1], hidden.shape[-1]
