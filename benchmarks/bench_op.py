@@ -6,6 +6,10 @@ Providers (each computes tokens / logp / grad of the LatentSeek update, or the c
   reference           latentseek_ext.reference, eager: materialises the [N, V] logits and softmax
   reference-compile   the same under torch.compile
   ext                 latentseek_ext.lm_head_policy_grad, impl="ext" (the compiled kernel of the device)
+  ext-temperature, ext-entropy, ext-topk, ext-sample, ext-all
+                      the same with an option (issue 14): temperature 0.7, entropy=True, topk=32, sample=True
+                      (Gumbel-max with a seed), or all four; where the device's kernel implements the options.
+                      Their target: <= 1.10x ext in the same rounds (ext-all has none)
   liger, cce          CUDA only, when importable: Liger's fused linear cross-entropy and Cut Cross-Entropy, which
                       give -logp of given tokens and, through backward, the input gradient (= our grad, reward 1)
 
@@ -27,6 +31,8 @@ call, in a fresh subprocess; on CUDA as torch.cuda.max_memory_allocated, in this
 
     python benchmarks/bench_op.py --device cpu --cases headline --tag op-cpu-headline
     python benchmarks/bench_op.py --device cpu --cases grid --tag op-cpu-grid
+    python benchmarks/bench_op.py --device cpu --cases headline --tag op-cpu-options --no-memory \
+        --providers ext,ext-temperature,ext-entropy,ext-topk,ext-sample,ext-all
     python benchmarks/bench_op.py --device cuda --cases gpu --out-dir OUT --tag op-h100
 
 Writes <out-dir>/<tag>.json, .md and .png. Writing into benchmarks/results/ needs a clean tree (or --allow-dirty).
@@ -176,6 +182,14 @@ class Target:
         return [a / b for a, b in zip(num, den, strict=True)]
 
 
+#: The option providers (issue 14): the kernel with one option, or all of them.
+EXT_OPTIONS: dict[str, dict] = {
+    "ext-temperature": {"temperature": 0.7},
+    "ext-entropy": {"entropy": True},
+    "ext-topk": {"topk": 32},
+    "ext-sample": {"sample": True, "seed": 1234},
+    "ext-all": {"temperature": 0.7, "entropy": True, "topk": 32, "sample": True, "seed": 1234},
+}
 HEADLINE = (300, 896, 151936)
 TARGETS = (
     # The op issue, on its headline case.
@@ -183,6 +197,8 @@ TARGETS = (
     Target("op", "ext", "reference", "<=", 0.9, "fp32", HEADLINE),
     Target("op", "ext", GEMM_PAIR, "<=", 1.5, None, HEADLINE),
     Target("op", "ext", "reference", "<=", 0.10, None, HEADLINE, memory=True),
+    # The options issue: each option costs at most 10 % over the plain kernel, measured in the same rounds.
+    *(Target("options", name, "ext", "<=", 1.10, None, HEADLINE) for name in EXT_OPTIONS if name != "ext-all"),
     # The CUDA issue (bf16).
     Target("cuda", PHYSICAL_FLOOR, "ext", ">=", 0.60, "bf16", (4096, 3584, 152064)),
     Target("cuda", COPY_FLOOR, "ext", ">=", 0.70, "bf16", (64, 896, 151936)),
@@ -295,6 +311,9 @@ def provider_fn(name: str, inputs: dict, device: str) -> Callable[[], object]:
         return lambda: compiled(h, w, r)
     if name == "ext":
         return lambda: latentseek_ext.lm_head_policy_grad(h, w, r, impl="ext")
+    if name in EXT_OPTIONS:
+        options = EXT_OPTIONS[name]
+        return lambda: latentseek_ext.lm_head_policy_grad(h, w, r, impl="ext", **options)
     if name == "liger":
         return _liger(inputs)
     if name == "cce":
@@ -306,6 +325,8 @@ def available_providers(device: str) -> list[str]:
     names = [GEMM_PAIR, "reference", "reference-compile"]
     if latentseek_ext.extension_available(device):
         names.append("ext")
+    if torch.device(device).type in latentseek_ext.EXTENSION_OPTIONS_DEVICES:
+        names.extend(EXT_OPTIONS)
     if device.startswith("cuda"):
         for name, module in (("liger", "liger_kernel"), ("cce", "cut_cross_entropy")):
             try:
