@@ -6,13 +6,23 @@ decodes --new-tokens tokens) for each route over the Qwen2.5-Coder-0.5B-Instruct
 
   torch fp32 / bf16     latentseek.generation.extend on the model that transformers dequantises from the GGUF,
                         weights in that dtype
+  torch int8 / int4     the same with ``latentseek.quant.quantize_weights`` (``load_model(weights=...)``): the decoder's
+                        linears and a decoding copy of the LM head weight-only quantised, on torch's own CPU kernels
+                        (int8 per channel; int4 in groups of 32, or of N with ``int4gN``), quantised from the fp32
+                        weights, bf16 activations
   torch int8wo          the same with torchao's weight-only int8 on every Linear (bf16 activations), where torchao is
                         importable (``pip install torchao``; not a requirement of the project)
   llama.cpp             llama-cpp-python on the GGUF itself (Q4 weights as stored), batch 1 only (its ``Llama``
                         object decodes one sequence), where llama_cpp is importable
 
-each at 1 thread and at all threads (torch.set_num_threads; llama.cpp's n_threads). torch.compile of the decode step
-is not a route: generation does not wire it.
+each at the thread counts of --threads (torch.set_num_threads; llama.cpp's n_threads; default 1 and all). torch.compile
+of the decode step is not a route: generation does not wire it.
+
+Accuracy of each torch route against fp32 (the dequantised GGUF): fp32 decodes --accuracy-tokens tokens greedily
+for the first --accuracy-prompts demo problems; each route then reads prompt + those tokens in one forward (teacher
+forcing) and the result gives, per generated position, whether its greedy token equals fp32's (greedy agreement;
+the first disagreement is where that route's own greedy decoding would leave fp32's) and the cosine similarity of
+its last-layer hidden state to fp32's.
 
 Decode time is measured from the first token's pick (the prompt's forward is done) to the last token's pick, so the
 prompt's forward is excluded: tokens/s = batch * (new tokens - 1) / that time. Routes run interleaved, one
@@ -45,6 +55,7 @@ import common  # noqa: E402
 from latentseek import ModelAdapter, build_prompt_ids, load_model  # noqa: E402
 from latentseek.eval.data import DEMO_PROBLEMS_PATH, read_records  # noqa: E402
 from latentseek.generation import extend  # noqa: E402
+from latentseek.quant import INT4_GROUP_SIZE, quantize_weights  # noqa: E402
 
 BATCHES = (1, 8)
 
@@ -52,7 +63,7 @@ BATCHES = (1, 8)
 @dataclasses.dataclass(frozen=True)
 class Route:
     engine: str  # "torch" or "llama.cpp"
-    weights: str  # fp32 | bf16 | int8wo | gguf
+    weights: str  # fp32 | bf16 | int8 | int4 | int4gN | int8wo | gguf
     threads: int
 
     @property
@@ -131,6 +142,52 @@ def llama_cpp_decoder(model_path: str, threads: int) -> Callable[[list[list[int]
     return decode
 
 
+def quantized(model: torch.nn.Module, weights: str) -> torch.nn.Module:
+    """A bf16 copy of the fp32 ``model`` with ``weights`` ("int8", "int4" or "int4gN": int4 in groups of N)
+    quantised from its fp32 weights by latentseek.quant."""
+    scheme, _, group = weights.partition("g")
+    model = copy.deepcopy(model)
+    quantize_weights(model, scheme, group_size=int(group) if group else INT4_GROUP_SIZE)
+    return model.to(torch.bfloat16)
+
+
+@torch.inference_mode()
+def accuracy(
+    reference: ModelAdapter, routes: dict[str, ModelAdapter], prompts: list[list[int]], new_tokens: int
+) -> dict[str, dict]:
+    """Each route against ``reference`` on the reference's greedy continuations of ``prompts`` (teacher forcing).
+
+    Per route: ``agreement`` (the fraction of the ``len(prompts) * new_tokens`` positions whose greedy token equals
+    the reference's), ``first_disagreement`` per prompt (the position of the first differing greedy token, or
+    ``new_tokens`` if none), and the cosine similarity of the last-layer hidden states per position (mean, min).
+    """
+    out = extend(reference, [(None, p) for p in prompts], new_tokens, [])
+    sequences = [torch.tensor([*p, *t[:-1]])[None] for p, t in zip(prompts, out.tokens, strict=True)]
+
+    def read(adapter: ModelAdapter) -> list[tuple[torch.Tensor, torch.Tensor]]:  # (hidden, greedy) per prompt
+        rows = []
+        for ids in sequences:
+            h = adapter.hidden(ids)[0, -new_tokens:]
+            rows.append((h.float(), adapter.logits(h).argmax(-1)))
+        return rows
+
+    ref = read(reference)
+    result = {}
+    for name, adapter in routes.items():
+        got = read(adapter)
+        same = [(g == r).tolist() for (_, g), (_, r) in zip(got, ref, strict=True)]
+        cos = torch.cat(
+            [torch.nn.functional.cosine_similarity(a, b, dim=-1) for (a, _), (b, _) in zip(got, ref, strict=True)]
+        )
+        result[name] = {
+            "agreement": sum(map(sum, same)) / sum(map(len, same)),
+            "first_disagreement": [s.index(False) if False in s else len(s) for s in same],
+            "cosine_mean": cos.mean().item(),
+            "cosine_min": cos.min().item(),
+        }
+    return result
+
+
 def int8_weight_only(model: torch.nn.Module) -> torch.nn.Module:
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
@@ -184,6 +241,31 @@ def to_markdown(payload: dict, rows: list[Row]) -> str:
     )
     if payload["skipped"]:
         md += "\nNot measured: " + "; ".join(payload["skipped"]) + ".\n"
+    if payload.get("accuracy"):
+        md += (
+            f"\n## Accuracy against torch fp32\n\nfp32 decoded {s['accuracy_tokens']} tokens greedily for each of "
+            f"the first {s['accuracy_prompts']} demo problems; each route read prompt + those tokens in one forward. "
+            "Greedy agreement: the fraction of those positions whose greedy token equals fp32's. First "
+            "disagreement: per prompt, the position of the first differing token (where the route's own greedy "
+            f"decoding leaves fp32's; {s['accuracy_tokens']}: none). Cosine: the last-layer hidden state's cosine "
+            "similarity to fp32's, per position.\n\n"
+        )
+        md += common.markdown_table(
+            ["weights", "greedy agreement", "first disagreement per prompt", "cosine mean", "cosine min"],
+            [
+                [
+                    name,
+                    f"{a['agreement']:.3f}",
+                    ", ".join(map(str, a["first_disagreement"])),
+                    f"{a['cosine_mean']:.4f}",
+                    f"{a['cosine_min']:.4f}",
+                ]
+                for name, a in payload["accuracy"].items()
+            ],
+        )
+        md += (
+            f"\nLoad average (1 min) at the start of the accuracy check: {payload['load_average_1min_accuracy']:.1f}.\n"
+        )
     return md
 
 
@@ -222,7 +304,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", required=True, help="the Qwen2.5-Coder-0.5B-Instruct Q4 .gguf file")
     ap.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per row (>= 2)")
     ap.add_argument("--reps", type=int, default=3, help="measurements of each route and batch")
-    ap.add_argument("--weights", default="fp32,bf16,int8wo", help="torch routes (int8wo needs torchao)")
+    ap.add_argument(
+        "--weights",
+        default="fp32,bf16,int8,int4,int8wo",
+        help="torch routes: fp32, bf16, int8, int4 (groups of 32), int4gN (groups of N), int8wo (needs torchao)",
+    )
+    ap.add_argument("--threads", default="1,all", help="thread counts, comma-separated (all: torch's default)")
+    ap.add_argument("--accuracy-prompts", type=int, default=4, help="demo problems of the accuracy check (0: none)")
+    ap.add_argument("--accuracy-tokens", type=int, default=96, help="greedy fp32 tokens per accuracy prompt")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp reference")
     common.add_output_args(ap, default_tag="generate-cpu")
     args = ap.parse_args(argv)
@@ -234,7 +323,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--model must be a .gguf file, got {args.model!r} (bash tools/fetch_qwen_gguf.sh OUT.gguf)")
     dirty = common.check_tree(args.out_dir, args.allow_dirty)
     all_threads = torch.get_num_threads()
-    thread_counts = list(dict.fromkeys([1, all_threads]))
+    try:
+        thread_counts = list(dict.fromkeys(all_threads if t == "all" else int(t) for t in args.threads.split(",")))
+    except ValueError:
+        raise SystemExit(f"--threads must be comma-separated counts or 'all', got {args.threads!r}") from None
+    if not thread_counts or min(thread_counts) < 1:
+        raise SystemExit(f"--threads must be counts >= 1, got {args.threads!r}")
     skipped = []
 
     model, tokenizer = load_model(args.model, dtype=torch.float32)
@@ -248,16 +342,19 @@ def main(argv: list[str] | None = None) -> None:
             models[weights] = model
         elif weights == "bf16":
             models[weights] = copy.deepcopy(model).to(torch.bfloat16)
+        elif weights in ("int8", "int4") or (weights.startswith("int4g") and weights[5:].isdigit()):
+            models[weights] = quantized(model, weights)
         elif weights == "int8wo":
             if importlib.util.find_spec("torchao") is None:
                 skipped.append("torch int8wo (torchao is not installed)")
                 continue
             models[weights] = int8_weight_only(model)
         else:
-            raise SystemExit(f"unknown --weights entry {weights!r}: fp32, bf16 or int8wo")
+            raise SystemExit(f"unknown --weights entry {weights!r}: fp32, bf16, int8, int4, int4gN or int8wo")
+    adapters = {weights: ModelAdapter(m) for weights, m in models.items()}
     decoders: dict[tuple[Route, int], Callable[[list[list[int]], int], float]] = {}
-    for (weights, m), threads, batch in itertools.product(models.items(), thread_counts, BATCHES):
-        decoders[(Route("torch", weights, threads), batch)] = torch_decoder(ModelAdapter(m), threads)
+    for (weights, adapter), threads, batch in itertools.product(adapters.items(), thread_counts, BATCHES):
+        decoders[(Route("torch", weights, threads), batch)] = torch_decoder(adapter, threads)
     if args.no_llama_cpp:
         skipped.append("llama.cpp (--no-llama-cpp)")
     elif importlib.util.find_spec("llama_cpp") is None:
@@ -283,6 +380,18 @@ def main(argv: list[str] | None = None) -> None:
         },
         "skipped": skipped,
     }
+    if args.accuracy_prompts > 0:
+        torch.set_num_threads(min(thread_counts))
+        reference = adapters.get("fp32") or ModelAdapter(model)
+        payload["load_average_1min_accuracy"] = os.getloadavg()[0]
+        payload["accuracy"] = accuracy(
+            reference,
+            {w: a for w, a in adapters.items() if w != "fp32"},
+            prompts[: args.accuracy_prompts],
+            args.accuracy_tokens,
+        )
+        payload["setup"]["accuracy_prompts"] = args.accuracy_prompts
+        payload["setup"]["accuracy_tokens"] = args.accuracy_tokens
     times: dict[tuple[Route, int], list[float]] = {key: [] for key in decoders}
     payload["load_average_1min"] = []  # other processes on the machine: the noise of this run
     for rep in range(args.reps):

@@ -40,3 +40,25 @@ def test_torch_decoder_runs_every_row_to_the_cap_on_its_threads():
         assert seconds > 0
     finally:
         torch.set_num_threads(threads)
+
+
+def test_accuracy_scores_a_route_against_the_reference_by_teacher_forcing():
+    from latentseek import ModelAdapter
+    from tiny_lm import tiny_model
+
+    dense = tiny_model("qwen2", vocab_size=64)
+    other = tiny_model("qwen2", vocab_size=64, seed=1)
+    int8 = bench_generate.quantized(dense, "int8")
+    assert int8.dtype == torch.bfloat16 and dense.dtype == torch.float32  # quantised from a copy of fp32
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    got = bench_generate.accuracy(
+        ModelAdapter(dense),
+        {"itself": ModelAdapter(dense), "int8": ModelAdapter(int8), "another model": ModelAdapter(other)},
+        prompts,
+        10,
+    )
+    assert got["itself"]["agreement"] == 1.0 and got["itself"]["first_disagreement"] == [10, 10]
+    assert got["itself"]["cosine_min"] > 0.9999
+    assert 0.99 < got["int8"]["cosine_mean"] <= 1.0 + 1e-6
+    assert got["another model"]["agreement"] < 0.5 and got["another model"]["cosine_mean"] < 0.9
+    assert all(0 <= i <= 10 for a in got.values() for i in a["first_disagreement"])
