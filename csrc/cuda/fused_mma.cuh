@@ -9,6 +9,9 @@
 // The ring has 3 stages (MmaTileLarge: 109,312 bytes of shared memory with the gradient) or 2 (MmaTileSmall: 97,024
 // bytes, for the 99 KB per block of sm_86 / sm_89); the launcher takes the one the device holds, and
 // LATENTSEEK_CUDA_TILES=small forces the small one on any GPU.
+// The ring is not drained between vocabulary tiles: the last iterations of a tile's phase A issue the next tile's
+// first chunks, which stay in flight through phases B and C (except the W of chunks that this CTA keeps: their slots
+// are read in phase C, so the next tile's prologue issues them).
 //
 // Large H. O for 32 rows is 32 x H fp32 (448 KB at H = 3584): it does not fit on one SM. A CTA therefore owns an
 // H slice of at most 512 columns (8 chunks, 64 fp32 registers per thread) and there are ceil(H / 512) slices.
@@ -75,11 +78,15 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fused_mma_kernel(const Fuse
   int* row_nan = row_idx + T::kBM;
 
   auto z_stage = [&](int stage) { return ring + stage * (T::kZChunkBytes + T::kWChunkBytes); };
-  // Where chunk k of the current W tile lives: the kept slot when it belongs to this CTA's slice (phase C reads it
-  // again), else the ring stage.
-  auto w_chunk = [&](int k) -> unsigned char* {
-    if (kWithGrad && k >= c_lo && k < c_hi) return kept + (k - c_lo) * T::kWChunkBytes;
-    return z_stage(k % T::kStages) + T::kZChunkBytes;
+  // The ring is one stream of chunks over all of the CTA's tiles: chunk k of a tile whose first chunk is stream
+  // position `base` lives in stage (base + k) % kStages, so that the last chunks of one tile and the first of the next
+  // are in flight together (the ring is not drained between tiles).
+  auto is_kept = [&](int k) { return kWithGrad && k >= c_lo && k < c_hi; };
+  // Where chunk k of a W tile lives: the kept slot when it belongs to this CTA's slice (phase C reads it again), else
+  // the ring stage.
+  auto w_chunk = [&](int k, int base) -> unsigned char* {
+    if (is_kept(k)) return kept + (k - c_lo) * T::kWChunkBytes;
+    return z_stage((base + k) % T::kStages) + T::kZChunkBytes;
   };
 
   if (tid < T::kBM) {
@@ -111,38 +118,49 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fused_mma_kernel(const Fuse
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[c][nt][e] = 0.f;
 
-  // Issues the copies of H chunk k (Z rows of this CTA, W rows [v0, v0 + 64)) into ring stage k % kStages.
-  // Rows past N or v_end and columns past H are zero-filled: zero logits that are masked below, zero W rows that
-  // meet P = 0. H % 8 == 0 (checked by the launcher), so a 16-byte vector is either inside H or past it.
-  auto load_chunk = [&](int k, int v0) {
+  // Issues the copies of H chunk k of the tile at v0 whose stream base is `base`: the Z rows of this CTA into ring
+  // stage (base + k) % kStages, and with_w, the W rows [v0, v0 + 64) to w_chunk(k, base). Rows past N or v_end and
+  // columns past H are zero-filled: zero logits that are masked below, zero W rows that meet P = 0. H % 8 == 0
+  // (checked by the launcher), so a 16-byte vector is either inside H or past it.
+  auto load_chunk = [&](int k, int v0, int base, bool with_z, bool with_w) {
     const int vec = tid & 7;
     const int col = k * T::kBK + vec * 8;
-    {
+    if (with_z) {
       const int row = tid >> 3;  // 256 threads = 32 rows x 8 vectors
       const int grow = r0 + row;
       const bool ok = grow < a.N && col < a.H;
       const scalar_t* src = ok ? a.z + static_cast<int64_t>(grow) * a.H + col : a.z;
-      cp_async_16(smem_u32(z_stage(k % T::kStages)) + swz(row, vec), src, ok);
+      cp_async_16(smem_u32(z_stage((base + k) % T::kStages)) + swz(row, vec), src, ok);
     }
-    const uint32_t wdst = smem_u32(w_chunk(k));
+    if (with_w) {
+      const uint32_t wdst = smem_u32(w_chunk(k, base));
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int row = (tid >> 3) + 32 * j;  // 64 W rows x 8 vectors
-      const int v = v0 + row;
-      const bool ok = v < v_end && col < a.H;
-      const scalar_t* src = ok ? a.w + static_cast<int64_t>(v) * a.H + col : a.w;
-      cp_async_16(wdst + swz(row, vec), src, ok);
+      for (int j = 0; j < 2; ++j) {
+        const int row = (tid >> 3) + 32 * j;  // 64 W rows x 8 vectors
+        const int v = v0 + row;
+        const bool ok = v < v_end && col < a.H;
+        const scalar_t* src = ok ? a.w + static_cast<int64_t>(v) * a.H + col : a.w;
+        cp_async_16(wdst + swz(row, vec), src, ok);
+      }
     }
   };
 
-  for (int v0 = v_begin; v0 < v_end; v0 += T::kBN) {
+  int base = 0;  // stream position of the current tile's chunk 0, modulo kStages
+  for (int v0 = v_begin; v0 < v_end; v0 += T::kBN, base = (base + KT) % T::kStages) {
     // The previous tile's phase C has finished reading `kept` and `p_tile` before they are overwritten.
     __syncthreads();
 
     // ---- Phase A: S = Z_blk W_t^T over H, kStages-deep cp.async pipeline (one commit group per chunk) ----
+    // Chunk s < kStages - 1 was prefetched during the previous tile's phase A when that tile had an iteration
+    // k = s + KT - (kStages - 1) >= 0: its Z and, unless the chunk is kept (phase C of the previous tile was still
+    // reading the kept slots), its W. What is missing is issued now; one group per chunk either way (possibly empty),
+    // so that the group count below stays "chunks 0 .. k + kStages - 2 committed".
 #pragma unroll
     for (int s = 0; s < T::kStages - 1; ++s) {
-      if (s < KT) load_chunk(s, v0);
+      if (s < KT) {
+        const bool prefetched = v0 != v_begin && s + KT >= T::kStages - 1;
+        if (!prefetched || is_kept(s)) load_chunk(s, v0, base, !prefetched, true);
+      }
       cp_async_commit();
     }
     float acc[2][4];
@@ -156,11 +174,18 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fused_mma_kernel(const Fuse
       cp_async_wait<T::kStages - 2>();
       // Everyone's copies of chunk k are visible, and everyone has finished chunk k - 1, whose stage is refilled.
       __syncthreads();
-      if (k + T::kStages - 1 < KT) load_chunk(k + T::kStages - 1, v0);
+      const int ahead = k + T::kStages - 1;  // the chunk this iteration issues
+      if (ahead < KT) {
+        load_chunk(ahead, v0, base, true, true);
+      } else if (v0 + T::kBN < v_end && ahead - KT < KT) {
+        // The next tile's first chunks, in flight during this tile's phases B and C; a kept W chunk must wait for
+        // this tile's phase C (the next tile's prologue issues it).
+        load_chunk(ahead - KT, v0 + T::kBN, base + KT, true, !is_kept(ahead - KT));
+      }
       cp_async_commit();
 
-      const uint32_t zs = smem_u32(z_stage(k % T::kStages));
-      const uint32_t ws = smem_u32(w_chunk(k));
+      const uint32_t zs = smem_u32(z_stage((base + k) % T::kStages));
+      const uint32_t ws = smem_u32(w_chunk(k, base));
 #pragma unroll
       for (int kk = 0; kk < T::kBK / 16; ++kk) {
         uint32_t af[4], bf[4];
@@ -174,7 +199,8 @@ __global__ void __launch_bounds__(Tile::kThreads, 2) fused_mma_kernel(const Fuse
         Tc<scalar_t>::mma(acc[1], af, bf[2], bf[3]);
       }
     }
-    cp_async_wait<0>();  // only empty groups can remain; start the next tile with none outstanding
+    // No drain: the groups still pending are the next tile's first chunks (or empty), and phases B and C below touch
+    // neither the ring stages they fill nor (kept chunks are not prefetched) the kept slots.
 
     // ---- Phase B: online softmax state ----
     // acc[nt][e] holds row 16 wr + g + 8 (e >> 1), tile column 16 wc + 8 nt + 2 t + (e & 1). For row half rh the
