@@ -219,7 +219,8 @@ def test_the_knobs_of_slot():
 
 @pytest.fixture
 def tiny_cli(monkeypatch, adapter, tok):
-    monkeypatch.setattr(cli, "load_model", lambda path, gguf_file=None, dtype=None, device="cpu": (adapter.model, tok))
+    """`latentseek.eval.cli.load_model` returning the tiny model (whatever it is asked for)."""
+    monkeypatch.setattr(cli, "load_model", lambda path, **kwargs: (adapter.model, tok))
 
 
 def test_eval_slot_writes_a_run_and_resumes_it(tmp_path, tiny_cli, tok, monkeypatch, capsys):
