@@ -40,7 +40,8 @@
 # returns at most 8 files, so pack OUTDIR:
 #   bash benchmarks/gpu_session.sh /tmp/gs; tar czf "$OUT/gs.tgz" -C /tmp gs
 # Knobs: BUDGET, LIMIT_<stage>, PYTEST_WORKERS, PYTEST_ARGS (extra pytest arguments), SANITIZE_TOOLS (default
-# "memcheck racecheck synccheck initcheck"), BENCH_ARGS, BENCH_PROVIDERS, TIMESPLIT_ARGS, LS_CC / LS_CXX (the host
+# "memcheck racecheck synccheck initcheck"), BENCH_ARGS, BENCH_PROVIDERS, TIMESPLIT_ARGS (default: 10 calls per split
+# measurement, sweep points of 0.1 s and at most 20 calls, to fit the stage), LS_CC / LS_CXX (the host
 # compilers of the build), PY (the interpreter whose torch has CUDA).
 set -uo pipefail
 
@@ -68,7 +69,7 @@ PYTEST_ARGS="${PYTEST_ARGS:-}"
 SANITIZE_TOOLS="${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}"
 BENCH_ARGS="${BENCH_ARGS:---cases Qwen2.5-0.5B:64,Qwen2.5-0.5B:300,Qwen2.5-7B:4096 --dtypes bf16 --min-runs 5 --max-runs 10 --min-time 0.5}"
 BENCH_PROVIDERS="${BENCH_PROVIDERS:-}"
-TIMESPLIT_ARGS="${TIMESPLIT_ARGS:---min-time 0.1 --max-reps 20}"
+TIMESPLIT_ARGS="${TIMESPLIT_ARGS:---reps 10 --min-time 0.1 --max-reps 20}"
 ENGINE_ARGS="${ENGINE_ARGS:-}"
 ENGINE_TEST_LIMIT="${ENGINE_TEST_LIMIT:-150}"
 
