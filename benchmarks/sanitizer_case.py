@@ -4,7 +4,8 @@ initcheck); benchmarks/gpu_session.sh runs it under each tool.
 Paths, each with the large tiles and the small-shared-memory tiles of the tensor-core kernel
 (LATENTSEEK_CUDA_TILES=small): the tensor-core kernel with vocabulary splits (then the merge kernel) and with one
 split (its own finish, which needs enough rows to fill the GPU), with and without the gradient, several H slices;
-the chunked path (cuBLAS products, the per-chunk row kernel, the merge kernel's one-split finish); the SIMT kernel
+the chunked path (cuBLAS products, the per-chunk row kernel, its finish kernel), also with the op's options (temperature,
+sampling, entropy, top-k: the options' row kernel, in every dtype); the SIMT kernel
 in fp32 / fp64 and as the bf16 fallback (H % 8 != 0); last, on a compute capability 9.0 GPU, the sm_90a kernel
 (LATENTSEEK_CUDA_KERNEL=sm90: clusters of 1, 2 and 3 CTAs, vocabulary splits with the merge, and one split with its
 own finish), so that a hang there cannot hide the other paths' results. Across them: given tokens, bias, and the three reward forms
@@ -75,6 +76,44 @@ def run(
         sys.exit(1)
 
 
+def run_options(n: int, h: int, v: int, dtype: torch.dtype) -> None:
+    """One call with every option of the op (temperature, Gumbel sampling with offsets, entropy, top-k) and a bias."""
+    global CALLS
+    os.environ["LATENTSEEK_CUDA_KERNEL"] = "auto"
+    os.environ["LATENTSEEK_CUDA_TILES"] = "auto"
+    g = torch.Generator(device="cpu").manual_seed(n * 5 + h + v)
+    z = (torch.randn(n, h, generator=g) / h**0.5).to(dtype).to(DEVICE)
+    w = (torch.randn(v, h, generator=g) / h**0.5).to(dtype).to(DEVICE)
+    bias = (torch.randn(v, generator=g) * 0.1).to(dtype).to(DEVICE)
+    offsets = torch.arange(100, 100 + n, dtype=torch.int64).to(DEVICE)
+    x, logp, out, entropy, topk_logp, topk_tokens = latentseek_ext.lm_head_policy_grad(
+        z,
+        w,
+        torch.randn(n, generator=g).to(DEVICE),
+        None,
+        bias,
+        temperature=0.7,
+        sample=True,
+        seed=1234,
+        offsets=offsets,
+        entropy=True,
+        topk=4,
+        impl="ext",
+    )
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    ok = all(bool(torch.isfinite(t).all()) for t in (logp, out, entropy, topk_logp))
+    ok = ok and bool(((x >= 0) & (x < v)).all()) and bool(((topk_tokens >= 0) & (topk_tokens < v)).all())
+    CALLS += 1
+    print(
+        f"options  {str(dtype):15s} N={n:5d} H={h:4d} V={v:5d} T=0.7 sample entropy topk=4: "
+        f"{'ok' if ok else 'NOT FINITE'}",
+        flush=True,
+    )
+    if not ok:
+        sys.exit(1)
+
+
 def main() -> None:
     global DEVICE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +131,8 @@ def main() -> None:
     for dtype in (torch.bfloat16, torch.float16):
         run("chunked", 13, 72, 1100, dtype, with_extras=True, reward_form="float")
         run("chunked", 13, 72, 1100, dtype, with_extras=False, grad=False)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        run_options(13, 72, 1100, dtype)  # any option takes the chunked path, whatever LATENTSEEK_CUDA_KERNEL says
     run("simt", 21, 100, 900, torch.bfloat16, with_extras=True)  # H % 8 != 0: the fallback
     run("simt", 19, 600, 500, torch.float32, with_extras=True, reward_form="float")  # 2 H slices
     run("simt", 7, 64, 333, torch.float64, with_extras=True, grad=False)

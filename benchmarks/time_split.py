@@ -2,7 +2,7 @@
 kernel?
 
 1. Split, per case (N:H:V): torch.profiler over back-to-back calls gives each CUDA kernel's device time per call,
-   grouped as fused_mma, fused_simt, merge_splits, chunk_rows, cublas (the chunked path's GEMMs) and elementwise
+   grouped as fused_mma, fused_simt, merge_splits, sm90, chunk_rows, chunk_finish, cublas (the chunked path's GEMMs) and elementwise
    (zero_, add_, copies). Beside them, per call: the stream time of back-to-back calls between CUDA events, the
    sync-to-sync wall time (what benchmarks/bench_op.py's first H200 run measured), and the replay time of the call
    captured in a CUDA graph (no launch overhead: the op makes no host sync, so it can be captured). The host gap is
@@ -48,6 +48,7 @@ GROUPS = (
     ("sm90_kernel", "sm90"),
     ("check_tokens_kernel", "sm90"),
     ("chunk_rows_kernel", "chunk_rows"),
+    ("chunk_finish_kernel", "chunk_finish"),
     ("gemm", "cublas"),
     ("nvjet", "cublas"),
     ("xmma", "cublas"),
