@@ -1,6 +1,6 @@
 """Weight-only quantised linears on torch's own CPU kernels, for faster decoding on a CPU.
 
-Decoding one sequence reads every weight once per token, so on a CPU its speed is set by the bytes of weights
+Decoding one sequence reads every weight once per token, so on a CPU its speed is bounded by the bytes of weights
 read. :func:`quantize_weights` replaces the ``nn.Linear`` modules of a causal LM's decoder layers with
 
 - ``"int8"``: :class:`Int8Linear`, int8 weights with one scale per output channel,
@@ -37,7 +37,7 @@ WEIGHTS: tuple[Weights, ...] = get_args(Weights)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 #: The int4 CPU kernel packs output channels in blocks of this many.
 INT4_OUT_MULTIPLE = 16
-#: The default int4 group size (benchmarks/bench_generate.py measures the others).
+#: The default int4 group size (``benchmarks/bench_generate.py --weights int4gN`` measures another).
 INT4_GROUP_SIZE = 32
 
 #: The attribute under which :func:`quantize_weights` registers the quantised LM head on the model; the adapter
