@@ -14,7 +14,7 @@ from latentseek.eval.methods import make_method, run_config
 from latentseek.eval.record import LatentSeekRecord
 from latentseek.eval.report import ACCURACY_PLOT, REPORT_FILE
 from latentseek.eval.runner import run_eval
-from latentseek.eval.storage import CONFIG_FILE, config_fingerprint, load_run
+from latentseek.eval.storage import CONFIG_FILE, config_fingerprint, load_run, local_source
 
 
 def test_report_subcommand_prints_the_table_and_writes_files(tmp_path, capsys):
@@ -108,7 +108,9 @@ def test_eval_writes_a_run_resumes_it_and_refuses_another_config(tmp_path, datas
     assert [r.id for r in run.records] == ["q0", "q1"]
     assert run.config["method"] == "cot" and run.config["dtype"] == "fp32"
     assert run.config["knobs"] == {"prompt": "boxed", "max_new_tokens": 6}
-    assert run.config["dataset"]["source"] == str(dataset)
+    assert run.config["dataset"]["source"] == local_source(str(dataset))
+    assert run.config["dataset"]["source"]["name"] == dataset.name and run.config["weights"] == "dense"
+    assert str(tmp_path) not in (out / CONFIG_FILE).read_text()  # no local path in the run directory
     assert tiny == [("tiny", None, None, "cpu")]
 
     assert main(args) == 0  # no --limit: only the third problem is left

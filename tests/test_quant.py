@@ -152,3 +152,11 @@ def test_load_model_quantises_on_request(tok, tmp_path):
     assert isinstance(getattr(model, DECODE_HEAD), Int4Linear)
     with pytest.raises(ModelLoadError, match=r"weights must be one of .*'int2'"):
         load_model(folder, weights="int2")
+
+
+def test_weights_of_names_what_a_run_config_records():
+    from latentseek.quant import weights_of
+
+    assert weights_of(torch.nn.Sequential(torch.nn.Linear(64, 32))) == "dense"
+    assert weights_of(torch.nn.Sequential(Int4Linear(torch.nn.Linear(64, 32), 32))) == "int4-g32"
+    assert weights_of(torch.nn.Sequential(Int8Linear(torch.nn.Linear(64, 32)))) == "int8"

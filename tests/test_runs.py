@@ -327,3 +327,43 @@ def test_torchrun_two_processes_shard_and_merge(tmp_path):
     assert [r["id"] for r in records] == [f"p{i:03d}" for i in range(11)]
     assert sorted({r["rank"] for r in records}) == [0, 1]
     assert not (out / SHARD_DIR).exists()
+
+
+def test_a_local_source_is_named_by_its_content_not_its_place(tmp_path, monkeypatch):
+    import latentseek.eval.storage as storage
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "data.jsonl").write_bytes(b'{"q": 1}\n')
+    (b / "data.jsonl").write_bytes(b'{"q": 1}\n')
+    first = storage.local_source(str(a / "data.jsonl"))
+    assert first == storage.local_source(str(b / "data.jsonl"))  # moved or on another machine: the same source
+    assert first["name"] == "data.jsonl" and first["bytes"] == 9 and str(tmp_path) not in json.dumps(first)
+    (b / "data.jsonl").write_bytes(b'{"q": 2}\n')
+    assert storage.local_source(str(b / "data.jsonl")) != first  # same name and size, other content
+    assert storage.local_source("owner/model") == "owner/model" and storage.local_source("demo") == "demo"
+
+    # A folder: its files' relative paths, sizes and contents, hidden ones left out.
+    for d in (a, b):
+        (d / "sub").mkdir()
+        (d / "sub" / "w.bin").write_bytes(bytes(range(256)) * 40)
+    (b / "data.jsonl").write_bytes(b'{"q": 1}\n')
+    (b / ".cache").write_text("local state")
+    assert storage.local_source(str(a)) == {**storage.local_source(str(b)), "name": "a"}
+    (b / "sub" / "w.bin").write_bytes(bytes(range(256)) * 39 + bytes(reversed(range(256))))
+    assert storage.local_source(str(b))["sha256"] != storage.local_source(str(a))["sha256"]
+
+    # A file above the whole-file limit is read at both ends: a change there shows, the size too.
+    monkeypatch.setattr(storage, "_WHOLE_FILE", 1000)
+    monkeypatch.setattr(storage, "_ENDS", 100)
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(2000))
+    base = storage.local_source(str(big))
+    for pos in (0, 1999):
+        data = bytearray(2000)
+        data[pos] = 1
+        big.write_bytes(bytes(data))
+        assert storage.local_source(str(big)) != base
+    big.write_bytes(bytes(2001))
+    assert storage.local_source(str(big)) != base

@@ -194,6 +194,19 @@ def quantize_weights(model: torch.nn.Module, weights: Weights, *, group_size: in
     return dense
 
 
+def weights_of(model: torch.nn.Module) -> str:
+    """What a run's config records of the model's weights: ``"dense"``, ``"int8"``, or ``"int4-g{group_size}"``
+    (the quantised linears' kind, read from the modules :func:`quantize_weights` put in)."""
+    kinds = sorted(
+        {
+            f"int4-g{m.group_size}" if isinstance(m, Int4Linear) else "int8"
+            for m in model.modules()
+            if isinstance(m, (Int4Linear, Int8Linear))
+        }
+    )
+    return "+".join(kinds) if kinds else "dense"
+
+
 def decode_head(model: torch.nn.Module) -> torch.nn.Module | None:
     """The quantised LM head :func:`quantize_weights` registered on ``model``, or None."""
     return getattr(model, DECODE_HEAD, None)

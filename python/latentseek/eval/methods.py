@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from ..generation import Picker, extend, greedy_picker, sampling_picker
 from ..loop import AnswerCallback, LatentSeek, Result
 from ..model import ModelAdapter
 from ..progress import enter_phase
+from ..quant import weights_of
 from ..rewards import (
     BOXED_FORMAT,
     BatchReward,
@@ -73,6 +73,7 @@ from .record import (
     check_types,
     type_hints,
 )
+from .storage import local_source
 
 #: The rewards a method can be given by name; a reward object given instead is recorded as ``custom``.
 RewardName = Literal["self", "oracle", "confidence"]
@@ -691,11 +692,6 @@ def knob_table(methods: Sequence[str] = METHODS) -> list[Knob]:
     return list(knobs.values())
 
 
-def _absolute_if_local(path: str) -> str:
-    """A local path made absolute (the run may be resumed from elsewhere); a hub id or name as given."""
-    return os.path.abspath(path) if os.path.exists(path) else path
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     """The name :data:`DTYPES` gives `dtype` (its torch name for another dtype)."""
     return next((name for name, d in DTYPES.items() if d == dtype), str(dtype))
@@ -716,16 +712,20 @@ def run_config(
 
     Args:
         method: the method, with the model it was made with (its weights' dtype is recorded).
-        model, gguf_file: what :func:`latentseek.load_model` was given (a local path is made absolute).
+        model, gguf_file: what :func:`latentseek.load_model` was given (a local file or folder is recorded by its
+            content, :func:`~latentseek.eval.storage.local_source`, not by its path).
         dataset, question_field, answer_field, id_field, split: what :func:`latentseek.eval.data.load_problems`
-            was given (``limit`` is not part of a run's config; a local path is made absolute).
+            was given (``limit`` is not part of a run's config; a local file by its content, as the model).
+
+    The weights' dtype and their quantisation (:func:`latentseek.quant.weights_of`) are read from the method's model.
     """
     return {
-        "model": _absolute_if_local(model),
+        "model": local_source(model),
         "gguf_file": gguf_file,
         "dtype": dtype_name(next(method.adapter.model.parameters()).dtype),
+        "weights": weights_of(method.adapter.model),
         "dataset": {
-            "source": _absolute_if_local(dataset),
+            "source": local_source(dataset),
             "question_field": question_field,
             "answer_field": answer_field,
             "id_field": id_field,

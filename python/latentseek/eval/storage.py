@@ -250,6 +250,50 @@ def merge_shards(run_dir: str | Path, order: Sequence[str] = ()) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+#: A file up to this size is hashed whole for its identity; a larger one by its first and last _ENDS bytes.
+_WHOLE_FILE = 64 << 20
+_ENDS = 1 << 20
+
+
+def local_source(source: str) -> str | dict[str, Any]:
+    """How a run's config names a model or a data set: a local file or folder by its content, never by where it lies
+    (so a run resumes after a move or on another machine, and no run directory records a local path); anything
+    else (a hub id, a name such as ``"demo"``) as given.
+
+    The identity of a local source is ``{"name": its file or folder name, "bytes": total size, "sha256": ...}``, the
+    SHA-256 over its files (a folder's regular files in sorted relative-path order, hidden ones left out) of each
+    file's relative path, size and content: the whole content of a file up to 64 MiB, the first and last MiB of a
+    larger one (a multi-GB weights file is identified in milliseconds; two equally long files that differ only in
+    between would get the same identity, the price of that).
+    """
+    path = Path(source)
+    if not path.exists():
+        return source
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            f
+            for f in path.rglob("*")
+            if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        )
+    )
+    digest, total = hashlib.sha256(), 0
+    for f in files:
+        size = f.stat().st_size
+        total += size
+        rel = f.name if f == path else f.relative_to(path).as_posix()
+        digest.update(f"{rel}\0{size}\0".encode())
+        with f.open("rb") as fh:
+            if size <= _WHOLE_FILE:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(_ENDS))
+                fh.seek(size - _ENDS)
+                digest.update(fh.read(_ENDS))
+    return {"name": path.resolve().name, "bytes": total, "sha256": digest.hexdigest()}
+
+
 def config_fingerprint(config: Mapping[str, Any]) -> str:
     """SHA-256 of the config's canonical JSON (sorted keys): equal for equal configs, whatever the key order."""
     canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
