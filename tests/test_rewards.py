@@ -240,6 +240,25 @@ def test_confidence_reward_equals_a_direct_torch_computation(model, impl, k):
         assert -1.0 <= score.value < 0.0
 
 
+def test_confidence_reward_calls_the_op_in_bounded_chunks(model, monkeypatch):
+    """Over CONFIDENCE_ROWS_PER_CALL answer tokens the op is called per chunk, with the same scores."""
+    adapter = ModelAdapter.of(model)
+    hidden = [torch.randn(n, adapter.weight.shape[1], generator=torch.Generator().manual_seed(n)) for n in (5, 9, 3)]
+    want = ConfidenceReward(model).score_hidden(hidden)
+    calls = []
+    original = rewards.latentseek_ext.lm_head_logprob
+
+    def counted(z, *args, **kwargs):
+        calls.append(z.shape[0])
+        return original(z, *args, **kwargs)
+
+    monkeypatch.setattr(rewards.latentseek_ext, "lm_head_logprob", counted)
+    monkeypatch.setattr(rewards, "CONFIDENCE_ROWS_PER_CALL", 4)
+    got = ConfidenceReward(model).score_hidden(hidden)
+    assert calls == [4, 4, 4, 4, 1]
+    assert [g.value for g in got] == pytest.approx([w.value for w in want], rel=1e-6)
+
+
 def test_confidence_reward_spans_minus_one_to_zero(tok):
     """-1 when every position spreads its mass evenly over k tokens, near 0 when it is certain of one."""
     model = tiny_model("qwen2", vocab_size=len(tok), tie=False)

@@ -342,6 +342,9 @@ class OracleReward:
 
 #: How many of each position's most likely tokens the confidence averages over (the op allows up to 32).
 CONFIDENCE_TOPK = 10
+#: Answer tokens per op call of the confidence reward: bounds the memory of the op's reference (which materialises
+#: the [rows, V] logits, 0.6 GB in fp32 for Qwen2.5's V) where no kernel serves the call; a kernel call streams W.
+CONFIDENCE_ROWS_PER_CALL = 1024
 
 
 class ConfidenceReward:
@@ -368,9 +371,10 @@ class ConfidenceReward:
     certain; the default threshold -0.2 then asks for ``C > 5 log k`` (11.5 nats for k = 10), and the reward of
     a step is comparable across answers of any length. ``Score.details``: ``confidence`` (C), ``tokens`` (n).
 
-    Cost: one call of :func:`latentseek_ext.lm_head_logprob` with ``topk=k`` over the answers' tokens of a whole
-    batch (a single pass over the LM head, no ``[n, V]`` logits kept), and no model forward: the loop passes the
-    hidden states it already has (the first generation's, the optimised latents, the continuation's).
+    Cost: :func:`latentseek_ext.lm_head_logprob` with ``topk=k`` over the answers' tokens of a whole batch, one call
+    per :data:`CONFIDENCE_ROWS_PER_CALL` tokens (each a single pass over the LM head; the kernel keeps no ``[n, V]``
+    logits, the reference's are bounded by the chunk), and no model forward: the loop passes the hidden states it
+    already has (the first generation's, the optimised latents, the continuation's).
 
     Args:
         model: the causal LM (or its :class:`~latentseek.model.ModelAdapter`): its LM head scores the states.
@@ -393,11 +397,14 @@ class ConfidenceReward:
         if any(n == 0 for n in sizes):
             raise ValueError(f"ConfidenceReward: every answer needs at least one token, got lengths {sizes}")
         z = torch.cat([h.to(self.adapter.dtype) for h in hidden])
+        parts = []
         with torch.no_grad():
-            *_, topk_logp, _ = latentseek_ext.lm_head_logprob(
-                z, self.adapter.weight, bias=self.adapter.bias, topk=self.k, impl=self.impl
-            )
-        per_position = -topk_logp.double().mean(-1)
+            for chunk in z.split(CONFIDENCE_ROWS_PER_CALL):
+                *_, topk_logp, _ = latentseek_ext.lm_head_logprob(
+                    chunk, self.adapter.weight, bias=self.adapter.bias, topk=self.k, impl=self.impl
+                )
+                parts.append(topk_logp)
+        per_position = -torch.cat(parts).double().mean(-1)
         return [c.mean().item() for c in per_position.split(sizes)]
 
     def score_hidden(self, hidden: Sequence[torch.Tensor]) -> list[Score]:
