@@ -343,6 +343,7 @@ def test_a_local_source_is_named_by_its_content_not_its_place(tmp_path, monkeypa
     (b / "data.jsonl").write_bytes(b'{"q": 2}\n')
     assert storage.local_source(str(b / "data.jsonl")) != first  # same name and size, other content
     assert storage.local_source("owner/model") == "owner/model" and storage.local_source("demo") == "demo"
+    assert storage.local_source(str(b / "data.jsonl"), content=False) == {"name": "data.jsonl"}
 
     # A folder: its files' relative paths, sizes and contents, hidden ones left out.
     for d in (a, b):

@@ -715,7 +715,8 @@ def run_config(
         model, gguf_file: what :func:`latentseek.load_model` was given (a local file or folder is recorded by its
             content, :func:`~latentseek.eval.storage.local_source`, not by its path).
         dataset, question_field, answer_field, id_field, split: what :func:`latentseek.eval.data.load_problems`
-            was given (``limit`` is not part of a run's config; a local file by its content, as the model).
+            was given (``limit`` is not part of a run's config; a local file by its name only: the runner checks
+            each finished problem's gold answer against the data on resume, so the file may grow).
 
     The weights' dtype and their quantisation (:func:`latentseek.quant.weights_of`) are read from the method's model.
     """
@@ -725,7 +726,7 @@ def run_config(
         "dtype": dtype_name(next(method.adapter.model.parameters()).dtype),
         "weights": weights_of(method.adapter.model),
         "dataset": {
-            "source": local_source(dataset),
+            "source": local_source(dataset, content=False),
             "question_field": question_field,
             "answer_field": answer_field,
             "id_field": id_field,

@@ -255,10 +255,11 @@ _WHOLE_FILE = 64 << 20
 _ENDS = 1 << 20
 
 
-def local_source(source: str) -> str | dict[str, Any]:
-    """How a run's config names a model or a data set: a local file or folder by its content, never by where it lies
-    (so a run resumes after a move or on another machine, and no run directory records a local path); anything
-    else (a hub id, a name such as ``"demo"``) as given.
+def local_source(source: str, *, content: bool = True) -> str | dict[str, Any]:
+    """How a run's config names a model or a data set: a local file or folder by its name and content, never by where
+    it lies (so a run resumes after a move or on another machine, and no run directory records a local path);
+    anything else (a hub id, a name such as ``"demo"``) as given. With ``content=False``, only ``{"name": ...}``
+    (for a data set, whose finished problems the runner checks one by one, so that the file may grow).
 
     The identity of a local source is ``{"name": its file or folder name, "bytes": total size, "sha256": ...}``, the
     SHA-256 over its files (a folder's regular files in sorted relative-path order, hidden ones left out) of each
@@ -269,6 +270,8 @@ def local_source(source: str) -> str | dict[str, Any]:
     path = Path(source)
     if not path.exists():
         return source
+    if not content:
+        return {"name": path.resolve().name}
     files = (
         [path]
         if path.is_file()
