@@ -191,6 +191,9 @@ def test_committed_runs_load_and_give_the_committed_report_table():
         "gsm8k30-latentseek-self": {"LatentSeekRecord"},
         "gsm8k30-bon-self": {"BestOfNRecord"},
         "gsm8k30-self-consistency": {"SelfConsistencyRecord"},
+        "gsm8k30-latentseek-confidence": {"LatentSeekRecord"},
+        "gsm8k30-latentseek-samples": {"LatentSeekRecord"},
+        "gsm8k30-slot": {"SlotRecord"},
     }
     for run in runs:  # a record writes back the line it was read from
         lines = (run.path / RESULTS_FILE).read_text(encoding="utf-8").splitlines()
