@@ -15,13 +15,7 @@
 #include <cstdint>
 #include <limits>
 
-#ifndef LS_HOST_DEVICE  // also defined by latentseek/sampling.h
-#if defined(__CUDACC__)
-#define LS_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define LS_HOST_DEVICE inline
-#endif
-#endif
+#include "latentseek/host_device.h"
 
 namespace latentseek {
 

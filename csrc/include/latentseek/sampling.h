@@ -17,13 +17,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifndef LS_HOST_DEVICE
-#if defined(__CUDACC__)
-#define LS_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define LS_HOST_DEVICE inline
-#endif
-#endif
+#include "latentseek/host_device.h"
 
 namespace latentseek {
 
