@@ -153,11 +153,9 @@ def _check_options(
 ) -> bool:
     """Validates the options (ValueError) and says whether any is in use."""
     reference.check_options(
-        op, hidden, weight, tokens, temperature=temperature, sample=sample, seed=seed, offsets=offsets, topk=topk,
-        read_values=False,
+        op, hidden, weight, tokens, temperature=temperature, sample=sample, seed=seed, offsets=offsets,
+        entropy=entropy, topk=topk, read_values=False,
     )  # fmt: skip
-    if not isinstance(entropy, bool):
-        raise ValueError(f"latentseek_ext: {op}: entropy must be a bool, got {type(entropy).__name__}")
     return temperature != 1 or sample or entropy or topk > 0
 
 

@@ -112,6 +112,7 @@ def check_options(
     sample: bool,
     seed: int | None,
     offsets: torch.Tensor | None,
+    entropy: bool,
     topk: int,
     read_values: bool = True,
 ) -> None:
@@ -126,6 +127,8 @@ def check_options(
         bad(f"temperature must be a Python float, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         bad(f"temperature must be finite and > 0, got {temperature}")
+    if not isinstance(entropy, bool):
+        bad(f"entropy must be a bool, got {type(entropy).__name__}")
     V = weight.shape[0] if weight.dim() == 2 else 0
     if isinstance(topk, bool) or not isinstance(topk, int):
         bad(f"topk must be a Python int, got {type(topk).__name__}")
@@ -329,7 +332,7 @@ def lm_head_logprob(
     check_inputs("lm_head_logprob", hidden, weight, None, tokens, bias)
     check_options(
         "lm_head_logprob", hidden, weight, tokens, temperature=temperature, sample=sample, seed=seed,
-        offsets=offsets, topk=topk, read_values=not torch.compiler.is_compiling(),
+        offsets=offsets, entropy=entropy, topk=topk, read_values=not torch.compiler.is_compiling(),
     )  # fmt: skip
     lead = hidden.shape[:-1]
     _, x, logp, extra = _forward(hidden, weight, tokens, bias, float(temperature), seed, offsets, entropy, topk)
@@ -356,7 +359,7 @@ def lm_head_policy_grad(
     check_inputs("lm_head_policy_grad", hidden, weight, reward_t, tokens, bias)
     check_options(
         "lm_head_policy_grad", hidden, weight, tokens, temperature=temperature, sample=sample, seed=seed,
-        offsets=offsets, topk=topk, read_values=not torch.compiler.is_compiling(),
+        offsets=offsets, entropy=entropy, topk=topk, read_values=not torch.compiler.is_compiling(),
     )  # fmt: skip
     acc = acc_dtype(hidden.dtype)
     lead, H = hidden.shape[:-1], hidden.shape[-1]

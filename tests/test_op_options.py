@@ -376,6 +376,7 @@ BAD_OPTIONS = [
     ({"temperature": math.nan}, r"temperature must be finite and > 0, got nan"),
     ({"topk": -1}, r"topk must lie in \[0, min\(32, V\)\] = \[0, 20\], got -1"),
     ({"topk": 21}, r"topk must lie in \[0, min\(32, V\)\] = \[0, 20\], got 21"),
+    ({"entropy": 1}, r"entropy must be a bool, got int"),
     ({"sample": True}, r"sample=True needs a seed"),
     ({"seed": 3}, r"seed is only used with sample=True, got seed=3"),
     ({"sample": True, "seed": -1}, r"seed must be a Python int in \[0, 2\*\*63\), got -1"),
@@ -426,3 +427,9 @@ def test_the_schema_checks_the_options_too():
             op(hidden, weight, **kwargs)
     with pytest.raises(RuntimeError, match="gumbel_uniform: offsets must be >= 0"):
         torch.ops.latentseek_ext.gumbel_uniform(1, torch.tensor([-1]), 4)
+
+
+def test_the_reference_checks_the_options_itself():
+    hidden, weight, _ = make(4, 8, 20, torch.float32)
+    with pytest.raises(ValueError, match="latentseek_ext: lm_head_logprob: entropy must be a bool, got int"):
+        reference.lm_head_logprob(hidden, weight, entropy=1)
