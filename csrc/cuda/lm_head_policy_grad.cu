@@ -269,6 +269,28 @@ CUtensorMap tensor_map_64x64(const void* data, int64_t rows, int64_t cols, at::S
   return map;
 }
 
+// The launch configuration of sm90_kernel with layout l over `clusters` clusters: the one place its block, shared
+// memory and cluster shape are set, for the occupancy query and for the launch. cfg.attrs points into the object,
+// hence no copies.
+struct Sm90Launch {
+  cudaLaunchAttribute attr[1];
+  cudaLaunchConfig_t cfg{};
+  Sm90Launch(const Sm90Layout& l, int64_t clusters, cudaStream_t stream) {
+    cfg.gridDim = dim3(static_cast<unsigned>(clusters * l.cluster));
+    cfg.blockDim = dim3(Sm90Tile::kThreads);
+    cfg.dynamicSmemBytes = static_cast<size_t>(l.smem_bytes);
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(l.cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  Sm90Launch(const Sm90Launch&) = delete;
+  Sm90Launch& operator=(const Sm90Launch&) = delete;
+};
+
 // Clusters of sm90_kernel that the device holds at once with layout l (set and queried once per kernel, device and
 // layout), after raising the kernel's dynamic shared memory limit.
 int sm90_clusters(const void* kernel, const Sm90Layout& l, int device) {
@@ -280,19 +302,9 @@ int sm90_clusters(const void* kernel, const Sm90Layout& l, int device) {
   if (it != cache.end()) return it->second;
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(l.smem_bytes)));
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(l.cluster * device_info(device).sm_count));
-  cfg.blockDim = dim3(Sm90Tile::kThreads);
-  cfg.dynamicSmemBytes = static_cast<size_t>(l.smem_bytes);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(l.cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const Sm90Launch launch(l, device_info(device).sm_count, nullptr);
   int clusters = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg));
   cache.emplace(key, clusters);
   return clusters;
 }
@@ -329,19 +341,8 @@ void run_sm90(const LmHeadProblem& p, const at::Tensor& z, Outputs& out, cudaStr
     sm90::check_tokens_kernel<<<static_cast<unsigned>((p.N + 255) / 256), 256, 0, stream>>>(a.tokens, a.N, a.V);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(clusters * l.cluster));
-  cfg.blockDim = dim3(Sm90Tile::kThreads);
-  cfg.dynamicSmemBytes = static_cast<size_t>(l.smem_bytes);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(l.cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, z_map, w_map, a, Sm90Config{l.cluster, l.chunks, l.stages}));
+  const Sm90Launch launch(l, clusters, stream);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&launch.cfg, kernel, z_map, w_map, a, Sm90Config{l.cluster, l.chunks, l.stages}));
   if (g.splits > 1)
     launch_merge<scalar_t, float>(g.splits, part_state, part_acc, 1.f / Tc<scalar_t>::kPScale, p, out, stream,
                                   /*programmatic=*/true);
