@@ -18,6 +18,11 @@ decodes --new-tokens tokens) for each route over the Qwen2.5-Coder-0.5B-Instruct
 each at the thread counts of --threads (torch.set_num_threads; llama.cpp's n_threads; default 1 and all). torch.compile
 of the decode step is not a route: generation does not wire it.
 
+--pickers chooses how torch routes pick tokens: ``greedy`` (the default), ``sample-logits`` and ``sample-fused``
+(best-of-N's and self-consistency's sampling, temperature and top-p at those methods' defaults, from each step's
+[b, V] logits or through the fused op without them; ``latentseek.generation.sampling_picker``). For sample-fused the
+result counts the row-steps whose nucleus was not closed within the op's top-32 and so took their logits.
+
 Accuracy of each torch route against fp32 (the dequantised GGUF): fp32 decodes --accuracy-tokens tokens greedily
 for the first --accuracy-prompts demo problems; each route then reads prompt + those tokens in one forward (teacher
 forcing) and the result gives, per generated position, whether its greedy token equals fp32's (greedy agreement;
@@ -54,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from latentseek import ModelAdapter, build_prompt_ids, load_model  # noqa: E402
 from latentseek.eval.data import DEMO_PROBLEMS_PATH, read_records  # noqa: E402
-from latentseek.generation import extend  # noqa: E402
+from latentseek.eval.methods import SelfConsistencySettings  # noqa: E402
+from latentseek.generation import DecodeStep, extend, greedy_picker, sampling_picker  # noqa: E402
 from latentseek.quant import INT4_GROUP_SIZE, quantize_weights  # noqa: E402
 
 BATCHES = (1, 8)
@@ -65,10 +71,12 @@ class Route:
     engine: str  # "torch" or "llama.cpp"
     weights: str  # fp32 | bf16 | int8 | int4 | int4gN | int8wo | gguf
     threads: int
+    picker: str = "greedy"  # greedy | sample-logits | sample-fused (torch routes)
 
     @property
     def name(self) -> str:
-        return f"{self.engine} {self.weights}, {self.threads} thread{'s' if self.threads > 1 else ''}"
+        name = f"{self.engine} {self.weights}, {self.threads} thread{'s' if self.threads > 1 else ''}"
+        return name if self.picker == "greedy" else f"{name}, {self.picker}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,16 +109,49 @@ def sha256(path: str) -> str:
 # --- decoders: (prompts, new tokens) -> seconds from the first pick to the last ---------------------------------------
 
 
-def torch_decoder(adapter: ModelAdapter, threads: int) -> Callable[[list[list[int]], int], float]:
+PICKERS = ("greedy", "sample-logits", "sample-fused")
+#: The sampling of best-of-N and self-consistency (their default temperature and top-p).
+SAMPLING = SelfConsistencySettings()
+
+
+@dataclasses.dataclass
+class LogitRows:
+    """Row-steps picked, and those whose logits were formed (the fused sampler's fallback), over a route's calls."""
+
+    picked: int = 0
+    with_logits: int = 0
+
+
+def torch_decoder(
+    adapter: ModelAdapter, threads: int, picker: str = "greedy", counts: LogitRows | None = None
+) -> Callable[[list[list[int]], int], float]:
     def decode(prompts: list[list[int]], new_tokens: int) -> float:
         torch.set_num_threads(threads)
         picks: list[float] = []
+        if picker == "greedy":
+            inner = greedy_picker()
+        else:
+            sampler = picker.removeprefix("sample-")
+            inner = sampling_picker(SAMPLING.temperature, SAMPLING.top_p, 0, len(prompts), sampler=sampler)
 
-        def greedy(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        def pick(step: DecodeStep, rows: list[int]) -> torch.Tensor:
             picks.append(time.perf_counter())
-            return logits.argmax(-1)
+            if counts is not None:
+                counts.picked += len(rows)
+            return inner(step, rows)
 
-        out = extend(adapter, [(None, p) for p in prompts], new_tokens, [], picker=greedy)
+        if counts is not None:  # count the rows whose logits the picker asks for
+
+            def logits(h: torch.Tensor) -> torch.Tensor:
+                counts.with_logits += h.shape[0]
+                return ModelAdapter.logits(adapter, h)
+
+            adapter.logits = logits  # type: ignore[method-assign]
+        try:
+            out = extend(adapter, [(None, p) for p in prompts], new_tokens, [], picker=pick)
+        finally:
+            if counts is not None:
+                del adapter.logits
         if any(len(t) != new_tokens for t in out.tokens):
             raise RuntimeError(f"a row stopped before {new_tokens} tokens: {[len(t) for t in out.tokens]}")
         return picks[-1] - picks[0]
@@ -209,6 +250,7 @@ def to_markdown(payload: dict, rows: list[Row]) -> str:
                 r.route.engine,
                 r.route.weights,
                 r.route.threads,
+                r.route.picker,
                 r.batch,
                 f"{b.median:.1f}",
                 f"{b.p20:.1f}-{b.p80:.1f}",
@@ -221,11 +263,14 @@ def to_markdown(payload: dict, rows: list[Row]) -> str:
     md += (
         f"Model: {s['model_file']} (sha256 {s['model_sha256'][:12]}...), {s['params_m']:.0f}M parameters; "
         f"prompts: the {s['prompt_tokens'][0]}-token first demo problem (batch 1), the 8 demo problems "
-        f"({min(s['prompt_tokens'])}-{max(s['prompt_tokens'])} tokens, left-padded; batch 8); greedy, "
-        f"{s['new_tokens']} new tokens per row, no stop token.\n\n"
+        f"({min(s['prompt_tokens'])}-{max(s['prompt_tokens'])} tokens, left-padded; batch 8); "
+        f"{s['new_tokens']} new tokens per row, no stop token. Pickers: greedy, or sampling at temperature "
+        f"{s['sampling']['temperature']} and top-p {s['sampling']['top_p']} from the logits (sample-logits) or "
+        "through the fused op (sample-fused).\n\n"
     )
     md += common.markdown_table(
-        ["engine", "weights", "threads", "batch", "decode tokens/s (median)", "p20-p80", "best", "reps"], table
+        ["engine", "weights", "threads", "picker", "batch", "decode tokens/s (median)", "p20-p80", "best", "reps"],
+        table,
     )
     md += (
         "\ntokens/s = batch * (new tokens - 1) / (time from the first token's pick to the last's): the prompt's "
@@ -241,6 +286,16 @@ def to_markdown(payload: dict, rows: list[Row]) -> str:
     )
     if payload["skipped"]:
         md += "\nNot measured: " + "; ".join(payload["skipped"]) + ".\n"
+    if payload.get("fused_logit_rows"):
+        md += (
+            "\nsample-fused formed the logits only for rows whose nucleus was not closed within the op's top-32 "
+            "log-probs: "
+            + "; ".join(
+                f"{c['route_name']}, batch {c['batch']}: {c['with_logits']} of {c['picked']} row-steps"
+                for c in payload["fused_logit_rows"]
+            )
+            + ".\n"
+        )
     if payload.get("accuracy"):
         md += (
             f"\n## Accuracy against torch fp32\n\nfp32 decoded {s['accuracy_tokens']} tokens greedily for each of "
@@ -313,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--accuracy-prompts", type=int, default=4, help="demo problems of the accuracy check (0: none)")
     ap.add_argument("--accuracy-tokens", type=int, default=96, help="greedy fp32 tokens per accuracy prompt")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp reference")
+    ap.add_argument(
+        "--pickers", default="greedy", help=f"token pickers of the torch routes, comma-separated: {', '.join(PICKERS)}"
+    )
     common.add_output_args(ap, default_tag="generate-cpu")
     args = ap.parse_args(argv)
     if args.new_tokens < 2:
@@ -329,6 +387,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--threads must be comma-separated counts or 'all', got {args.threads!r}") from None
     if not thread_counts or min(thread_counts) < 1:
         raise SystemExit(f"--threads must be counts >= 1, got {args.threads!r}")
+    pickers = list(dict.fromkeys(args.pickers.split(",")))
+    if not set(pickers) <= set(PICKERS):
+        raise SystemExit(f"--pickers must be a comma-separated subset of {', '.join(PICKERS)}, got {args.pickers!r}")
     skipped = []
 
     model, tokenizer = load_model(args.model, dtype=torch.float32)
@@ -353,8 +414,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"unknown --weights entry {weights!r}: fp32, bf16, int8, int4, int4gN or int8wo")
     adapters = {weights: ModelAdapter(m) for weights, m in models.items()}
     decoders: dict[tuple[Route, int], Callable[[list[list[int]], int], float]] = {}
-    for (weights, adapter), threads, batch in itertools.product(adapters.items(), thread_counts, BATCHES):
-        decoders[(Route("torch", weights, threads), batch)] = torch_decoder(adapter, threads)
+    fallback: dict[tuple[Route, int], LogitRows] = {}
+    for (weights, adapter), threads, picker, batch in itertools.product(
+        adapters.items(), thread_counts, pickers, BATCHES
+    ):
+        route = Route("torch", weights, threads, picker)
+        counts = fallback.setdefault((route, batch), LogitRows()) if picker == "sample-fused" else None
+        decoders[(route, batch)] = torch_decoder(adapter, threads, picker, counts)
     if args.no_llama_cpp:
         skipped.append("llama.cpp (--no-llama-cpp)")
     elif importlib.util.find_spec("llama_cpp") is None:
@@ -366,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
 
     for (_, batch), decode in decoders.items():  # warm-up: allocations, oneDNN primitives, llama.cpp graphs
         decode(prompts[:batch], 4)
+    for counts in fallback.values():  # count the measured calls only
+        counts.picked = counts.with_logits = 0
     payload = {
         "stamp": common.stamp("cpu", dirty),
         "command": common.command_line(sys.argv if argv is None else [__file__, *argv]),
@@ -376,6 +444,7 @@ def main(argv: list[str] | None = None) -> None:
             "prompt_tokens": [len(p) for p in prompts],
             "new_tokens": args.new_tokens,
             "reps_asked": args.reps,
+            "sampling": {"temperature": SAMPLING.temperature, "top_p": SAMPLING.top_p},
             "versions": {name: _version(name) for name in ("transformers", "torchao", "llama_cpp_python")},
         },
         "skipped": skipped,
@@ -404,6 +473,10 @@ def main(argv: list[str] | None = None) -> None:
         payload["rows"] = [
             {**dataclasses.asdict(r), "route_name": r.route.name, "tokens_per_s": dataclasses.asdict(r.tokens_per_s)}
             for r in rows
+        ]
+        payload["fused_logit_rows"] = [
+            {"route_name": route.name, "batch": batch, **dataclasses.asdict(c)}
+            for (route, batch), c in fallback.items()
         ]
         md = to_markdown(payload, rows)
         common.write_results(args.tag, payload, md, args.out_dir)  # every repetition: a partial run survives

@@ -42,6 +42,27 @@ def test_torch_decoder_runs_every_row_to_the_cap_on_its_threads():
         torch.set_num_threads(threads)
 
 
+def test_the_fused_sampling_route_counts_the_rows_that_took_logits():
+    from latentseek import ModelAdapter
+    from tiny_lm import tiny_model
+
+    def counted(adapter: ModelAdapter) -> bench_generate.LogitRows:
+        counts = bench_generate.LogitRows()
+        bench_generate.torch_decoder(adapter, torch.get_num_threads(), "sample-fused", counts)([[1, 2, 3], [4, 5]], 6)
+        assert "logits" not in vars(adapter)  # the counting wrapper is gone
+        return counts
+
+    peaked = ModelAdapter(tiny_model("qwen2", vocab_size=64))  # the nucleus closes within the top 32 tokens
+    assert counted(peaked) == bench_generate.LogitRows(picked=12, with_logits=0)
+    flat = ModelAdapter(tiny_model("qwen2", vocab_size=64))
+    with torch.no_grad():
+        flat.weight.mul_(1e-4)  # near-uniform over 64 tokens: the top 32 hold about half of the mass
+    assert counted(flat) == bench_generate.LogitRows(picked=12, with_logits=12)
+    bench_generate.torch_decoder(peaked, torch.get_num_threads(), "sample-logits")([[1, 2, 3]], 4)
+    route = bench_generate.Route("torch", "bf16", 1, "sample-fused")
+    assert route.name == "torch bf16, 1 thread, sample-fused"
+
+
 def test_accuracy_scores_a_route_against_the_reference_by_teacher_forcing():
     from latentseek import ModelAdapter
     from tiny_lm import tiny_model

@@ -9,7 +9,7 @@ import torch
 import latentseek.static_decode as static_decode
 from conftest import DEVICES
 from latentseek.chat import build_prompt_ids, stop_token_ids
-from latentseek.generation import extend, generate, sampling_picker
+from latentseek.generation import DecodeStep, extend, generate, sampling_picker
 from latentseek.kv_cache import PrefixCache
 from latentseek.model import ModelAdapter
 from latentseek.static_decode import bucket, default_decode
@@ -124,8 +124,10 @@ def test_empty_inputs_are_rejected(adapter, tok, prompts):
 # --- sampling ----------------------------------------------------------------------------------------------------
 
 
-def test_sampling_is_reproducible_and_independent_of_the_batch(adapter, tok, prompts):
-    kw = dict(do_sample=True, temperature=1.5, top_p=0.9)
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+@pytest.mark.parametrize("sampler", ["logits", "fused"])
+def test_sampling_is_reproducible_and_independent_of_the_batch(adapter, tok, prompts, sampler, top_p):
+    kw = dict(do_sample=True, temperature=1.5, top_p=top_p, sampler=sampler)
     a = generate(adapter, tok, prompts, MAX_NEW, seed=3, **kw)
     b = generate(adapter, tok, prompts, MAX_NEW, seed=3, **kw)
     c = generate(adapter, tok, prompts, MAX_NEW, seed=4, **kw)
@@ -138,8 +140,9 @@ def test_sampling_is_reproducible_and_independent_of_the_batch(adapter, tok, pro
     assert a.tokens != greedy.tokens
 
 
-def test_tiny_top_p_is_greedy(adapter, tok, prompts):
-    sampled = generate(adapter, tok, prompts, MAX_NEW, do_sample=True, top_p=1e-9, seed=0)
+@pytest.mark.parametrize("sampler", ["logits", "fused"])
+def test_tiny_top_p_is_greedy(adapter, tok, prompts, sampler):
+    sampled = generate(adapter, tok, prompts, MAX_NEW, do_sample=True, top_p=1e-9, seed=0, sampler=sampler)
     assert sampled.tokens == generate(adapter, tok, prompts, MAX_NEW).tokens
 
 
@@ -147,7 +150,7 @@ def test_sampling_follows_the_truncated_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).repeat(4000, 1)
     temperature, top_p = 0.8, 0.8
     pick = sampling_picker(temperature, top_p, seed=0, num_rows=4000)
-    tokens = pick(logits, list(range(4000)))
+    tokens = pick(DecodeStep(None, logits[:, :0], logits), list(range(4000)))
     probs = torch.softmax(logits[0] / temperature, -1)
     nucleus = int((probs.cumsum(0) - probs < top_p).sum())  # the smallest prefix reaching top_p
     counts = torch.bincount(tokens, minlength=6).float()
@@ -157,11 +160,89 @@ def test_sampling_follows_the_truncated_distribution():
     torch.testing.assert_close(counts[:nucleus] / 4000, want, atol=0.03, rtol=0)
 
 
-def test_sampling_arguments_are_checked():
+def test_sampling_arguments_are_checked(tok):
     with pytest.raises(ValueError, match="temperature"):
         sampling_picker(0.0, 1.0, 0, 1)
     with pytest.raises(ValueError, match="top_p"):
         sampling_picker(1.0, 0.0, 0, 1)
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        sampling_picker(1.0, 1.0, 0, 1, sampler="gumbel")
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        generate(tiny_model("qwen2", vocab_size=len(tok)), tok, [[1, 2]], 2, sampler="nucleus")
+
+
+def test_fused_nucleus_draws_the_logits_samplers_tokens(adapter, tok, prompts):
+    """top_p < 1: the fused sampler reads the nucleus from the op's top-32 log-probs with the logits sampler's own
+    uniform numbers, so in fp32 both draw the same tokens (the tiny model's 82-token vocabulary is diffuse enough
+    that some rows' nucleus is not closed within 32 tokens: those take the logits path)."""
+    if adapter.dtype != torch.float32:
+        pytest.skip("the probabilities agree to rounding only in fp32")
+    kw = dict(do_sample=True, temperature=1.2, top_p=0.9, seed=5)
+    fused = generate(adapter, tok, prompts, MAX_NEW, sampler="fused", **kw)
+    assert fused.tokens == generate(adapter, tok, prompts, MAX_NEW, sampler="logits", **kw).tokens
+
+
+class CountingHead:
+    """The adapter attributes the pickers read (weight, bias, vocab_size, logits), counting the rows whose logits
+    were asked for."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight, self.bias, self.vocab_size = weight, None, weight.shape[0]
+        self.logit_rows: list[int] = []
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        self.logit_rows.append(h.shape[0])
+        return h @ self.weight.T
+
+
+def test_fused_nucleus_takes_logits_only_for_rows_whose_nucleus_is_not_closed():
+    torch.manual_seed(0)
+    V, H = 200, 16
+    head = CountingHead(torch.randn(V, H))
+    peaked = 3.0 * head.weight[:6] / head.weight[:6].norm(dim=-1, keepdim=True) ** 2 * 4  # one token dominates
+    diffuse = 1e-3 * torch.randn(4, H)  # near uniform over 200 tokens: 32 of them hold about 0.16 of the mass
+    h = torch.cat([peaked[:3], diffuse[:2], peaked[3:], diffuse[2:]])
+    probs = torch.softmax(h @ head.weight.T, -1)
+    top32 = probs.topk(32, dim=-1).values.sum(-1)
+    open_rows = (top32 < 0.9).nonzero()[:, 0].tolist()
+    assert open_rows == [3, 4, 8, 9], top32  # the case the test is about
+    seeds = [11 * r + 1 for r in range(len(h))]
+    rows = list(range(len(h)))
+    for _ in range(3):  # three draws, so the rows' generators move on together
+        fused = sampling_picker(1.0, 0.9, 0, len(h), row_seeds=seeds, sampler="fused")
+        logits = sampling_picker(1.0, 0.9, 0, len(h), row_seeds=seeds)
+        head.logit_rows.clear()
+        got = fused(DecodeStep(head, h), rows)
+        assert head.logit_rows == [len(open_rows)]
+        assert got.tolist() == logits(DecodeStep(head, h), rows).tolist()
+        seeds = [s + 1 for s in seeds]
+    head.logit_rows.clear()
+    closed = torch.cat([peaked[:3], peaked[3:]])
+    sampling_picker(1.0, 0.9, 0, len(closed), sampler="fused")(DecodeStep(head, closed), list(range(len(closed))))
+    assert head.logit_rows == []
+
+
+def test_fused_top_p_one_is_the_ops_gumbel_sampler():
+    """top_p = 1: the op's Gumbel-max draws with per-row counters: softmax(l / T) frequencies, a row's draws
+    independent of the other rows, a new draw at each step, and no logits."""
+    values = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    head = CountingHead(torch.eye(6))
+    n, temperature = 4000, 0.8
+    h = values.repeat(n, 1)
+    seeds = [1_000_003 * r + 7 for r in range(n)]
+    pick = sampling_picker(temperature, 1.0, 9, n, row_seeds=seeds, sampler="fused")
+    first = pick(DecodeStep(head, h), list(range(n)))
+    second = pick(DecodeStep(head, h), list(range(n)))
+    assert head.logit_rows == []
+    want = torch.softmax(values / temperature, -1)
+    for draws in (first, second):
+        # 4000 draws: a frequency's standard deviation is below 0.008, so 0.03 is a wide margin; T = 1 would be
+        # 0.09 off on the first token
+        torch.testing.assert_close(torch.bincount(draws, minlength=6).float() / n, want, atol=0.03, rtol=0)
+    assert (first != second).float().mean() > 0.3  # a second draw is a new draw
+    some = [5, 17, 3000]
+    alone = sampling_picker(temperature, 1.0, 9, 3, row_seeds=[seeds[r] for r in some], sampler="fused")
+    assert alone(DecodeStep(head, h[some]), [0, 1, 2]).tolist() == first[some].tolist()
 
 
 # --- prompts and stop tokens ---------------------------------------------------------------------------------------

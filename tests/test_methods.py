@@ -255,6 +255,7 @@ def test_make_method_knobs_and_names(model, tok):
         "temperature": 0.7,
         "top_p": 0.95,
         "seed": 0,
+        "sampler": "fused",
     }
     assert make_method("bon", model, tok).knobs["n_candidates"] == 3
     seek = make_method("latentseek", model, tok, reward="oracle", rho=0.5, prompt="json")

@@ -1,6 +1,7 @@
 """KV-cached, batched generation that keeps the hidden state behind every token.
 
-:func:`generate` is the public entry point (greedy, or temperature / top-p sampling with a seed);
+:func:`generate` is the public entry point (greedy, or temperature / top-p sampling with a seed, from the logits or
+through the fused LM-head op without them);
 :func:`extend` is the engine's core: it continues rows that may already own a KV cache
 (:class:`PrefixCache`), which is how LatentSeek reuses a prompt's cache for every optimisation step.
 
@@ -18,10 +19,14 @@ is longer than the window covers a few pad columns; rows shorter than the window
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
+
+import latentseek_ext
 
 from .chat import stop_token_ids
 from .context import ContextNeed, model_context_length
@@ -38,8 +43,34 @@ from .static_decode import (
     static_capacity,
 )
 
-# A picker turns the last logits [b, V] of the rows still running (their indices in the call) into tokens [b].
-Picker = Callable[[torch.Tensor, list[int]], torch.Tensor]
+
+class DecodeStep:
+    """What a picker sees at one decode step: ``h`` ``[b, H]``, the hidden states of the running rows that the LM
+    head reads (model dtype), and ``logits`` ``[b, V]``, :meth:`~latentseek.model.ModelAdapter.logits` of them,
+    computed on first use (a picker that never asks, e.g. the fused sampler, never materialises them)."""
+
+    __slots__ = ("adapter", "h", "_logits")
+
+    def __init__(self, adapter: ModelAdapter, h: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        self.adapter, self.h, self._logits = adapter, h, logits
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self.adapter.logits(self.h)
+        return self._logits
+
+
+# A picker turns a decode step of the rows still running (their indices in the call) into tokens [b].
+Picker = Callable[[DecodeStep, list[int]], torch.Tensor]
+
+#: How sampled tokens are drawn: from the model's logits, or through the fused LM-head op (:func:`sampling_picker`).
+Sampler = Literal["logits", "fused"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+
+#: The fused sampler's nucleus is read from the op's top-k log-probs with this k (the op's largest); a row whose
+#: nucleus is not closed within them (the top-k mass is below top_p) takes its logits instead.
+FUSED_TOPK = 32
 
 
 @dataclass
@@ -64,39 +95,115 @@ class Generation:
 
 def greedy_picker() -> Picker:
     """Greedy decoding: the first maximal logit of each row (``torch.argmax``)."""
-    return lambda logits, rows: logits.argmax(-1)
+    return lambda step, rows: step.logits.argmax(-1)
 
 
-def sampling_picker(
-    temperature: float, top_p: float, seed: int, num_rows: int, *, row_seeds: Sequence[int] | None = None
-) -> Picker:
-    """Temperature / nucleus sampling, reproducible per row.
-
-    Row r draws from its own generator seeded from ``(seed, r)`` (or from ``row_seeds[r]`` when given, e.g. to
-    make a problem's samples independent of its place in the batch), one uniform number per token, so a row's sample
-    does not depend on which other rows are in the batch or when they stop. The token is found by inverse CDF over
-    the probabilities sorted in decreasing order, restricted to the smallest prefix whose mass reaches ``top_p``.
-    """
+def check_sampling(temperature: float, top_p: float, sampler: str = "logits") -> None:
+    """ValueError unless ``temperature > 0``, ``0 < top_p <= 1`` and ``sampler`` is one of :data:`SAMPLERS`."""
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0 for sampling (use do_sample=False for greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+
+def sampling_picker(
+    temperature: float,
+    top_p: float,
+    seed: int,
+    num_rows: int,
+    *,
+    row_seeds: Sequence[int] | None = None,
+    sampler: Sampler = "logits",
+    impl: latentseek_ext.Impl = "auto",
+) -> Picker:
+    """Temperature / nucleus sampling, reproducible per row.
+
+    Row r's randomness comes from its own seed, ``(seed, r)`` or ``row_seeds[r]`` when given (e.g. to make a problem's
+    samples independent of its place in the batch), so a row's sample does not depend on which other rows are in
+    the batch or when they stop. The distribution is ``softmax(logits / temperature)`` cut to its nucleus: the
+    tokens in decreasing order of probability while the mass before them is below ``top_p``, renormalised.
+
+    ``sampler="logits"`` computes each step's ``[b, V]`` logits and draws by inverse CDF over the sorted
+    probabilities, one uniform number per row from a generator seeded with the row's seed.
+
+    ``sampler="fused"`` never forms the logits in the common case; the LM head runs in the fused op
+    (:func:`latentseek_ext.lm_head_logprob`, ``impl``, on the dense head weight even where decoding's own head is
+    quantised):
+
+    - ``top_p == 1``: the op's Gumbel-max sampling mode, in the same pass over W as the softmax. Row r's t-th draw
+      uses the op's counter ``offset = key_r << 32 | t`` under ``seed``, where ``key_r`` is 31 bits of a SHA-256
+      of the row's seed.
+    - ``top_p < 1``: the op's top-``FUSED_TOPK`` log-probs, and inverse CDF over them with the same uniform number
+      as the logits sampler; so both samplers draw the same token whenever their probabilities agree to rounding. A
+      row whose nucleus is not closed within those tokens (their mass is below ``top_p``) takes the logits path.
+    """
+    check_sampling(temperature, top_p, sampler)
     if row_seeds is None:
         row_seeds = [seed * 1_000_003 + r for r in range(num_rows)]
     elif len(row_seeds) != num_rows:
         raise ValueError(f"got {len(row_seeds)} row seeds for {num_rows} rows")
+    if sampler == "fused" and top_p == 1.0:
+        return _gumbel_picker(temperature, seed, row_seeds, impl)
     generators = [torch.Generator().manual_seed(int(s) % (2**63)) for s in row_seeds]
 
-    def pick(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    def logits_pick(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits.float() / temperature, dim=-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        cdf = sorted_probs.cumsum(-1)
-        # keep a token while the mass before it is below top_p (the first token is always kept)
-        sorted_probs = sorted_probs.masked_fill(cdf - sorted_probs >= top_p, 0.0)
-        cdf = sorted_probs.cumsum(-1)
-        u = torch.cat([torch.rand(1, generator=generators[r]) for r in rows]).to(logits.device)
-        index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=logits.shape[-1] - 1)
-        return order.gather(1, index)[:, 0]
+        return _nucleus_pick(sorted_probs, order, u, top_p)
+
+    def pick(step: DecodeStep, rows: list[int]) -> torch.Tensor:
+        u = torch.cat([torch.rand(1, generator=generators[r]) for r in rows]).to(step.h.device)
+        if sampler == "logits":
+            return logits_pick(step.logits, u)
+        adapter = step.adapter
+        k = min(FUSED_TOPK, adapter.vocab_size)
+        _, _, top_logp, top_tokens = latentseek_ext.lm_head_logprob(
+            step.h, adapter.weight, bias=adapter.bias, temperature=temperature, topk=k, impl=impl
+        )
+        top_probs = top_logp.float().exp()
+        tokens = _nucleus_pick(top_probs, top_tokens, u, top_p)
+        if k < adapter.vocab_size:
+            open_rows = (top_probs.sum(-1) < top_p).nonzero()[:, 0]
+            if len(open_rows):
+                tokens[open_rows] = logits_pick(adapter.logits(step.h[open_rows]), u[open_rows])
+        return tokens
+
+    return pick
+
+
+def _nucleus_pick(sorted_probs: torch.Tensor, order: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Inverse CDF at ``u`` [b] over each row's probabilities in decreasing order (``order``: their token ids), kept
+    while the mass before them is below ``top_p`` (the first is always kept)."""
+    cdf = sorted_probs.cumsum(-1)
+    kept = sorted_probs.masked_fill(cdf - sorted_probs >= top_p, 0.0)
+    cdf = kept.cumsum(-1)
+    index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_(max=sorted_probs.shape[-1] - 1)
+    return order.gather(1, index)[:, 0]
+
+
+def _gumbel_picker(temperature: float, seed: int, row_seeds: Sequence[int], impl: latentseek_ext.Impl) -> Picker:
+    """The fused op's Gumbel-max sampling mode with per-row counters (see :func:`sampling_picker`)."""
+    keys = [int.from_bytes(hashlib.sha256(str(int(s)).encode()).digest()[:4], "little") >> 1 for s in row_seeds]
+    drawn = [0] * len(row_seeds)
+
+    def pick(step: DecodeStep, rows: list[int]) -> torch.Tensor:
+        offsets = torch.tensor([keys[r] << 32 | drawn[r] for r in rows], dtype=torch.long, device=step.h.device)
+        for r in rows:
+            drawn[r] += 1
+        adapter = step.adapter
+        tokens, _ = latentseek_ext.lm_head_logprob(
+            step.h,
+            adapter.weight,
+            bias=adapter.bias,
+            temperature=temperature,
+            sample=True,
+            seed=seed,
+            offsets=offsets,
+            impl=impl,
+        )
+        return tokens
 
     return pick
 
@@ -122,7 +229,7 @@ def extend(
             be empty (its last token's hidden state produces the first generated token).
         max_new_tokens: most tokens generated per row (>= 1).
         stop_ids: a row stops after producing one of these (it is included in its tokens).
-        picker: how tokens are chosen from the logits (default greedy).
+        picker: how tokens are chosen at each step from its :class:`DecodeStep` (default greedy).
         return_hidden: also return the hidden state behind every generated token.
         keep_prefix: per row, how many leading tokens of its sequence (prefix + new tokens + generated) to keep as
             a :class:`PrefixCache` (at most the tokens the model has seen: all but the last generated one).
@@ -181,7 +288,7 @@ def extend(
     h = adapter.hidden(input_ids, mask, positions, cache)[:, -1]  # the prefill; logits of the last position only
     if offset is not None:
         h = h + offset
-    logits = adapter.logits(h)
+    step = DecodeStep(adapter, h)
     next_position = positions[:, -1] + 1
     static = StaticDecoder(adapter, cache, mask, offset) if decode == "graph" else None
     slots = list(range(n))  # graph path: the static buffers' row of each running row
@@ -189,7 +296,7 @@ def extend(
     report = decode_reporter()  # None unless a progress.reporting block listens
     generated = 0
     while True:
-        chosen = picker(logits, active)
+        chosen = picker(step, active)
         finished = []
         for j, (row, token) in enumerate(zip(active, chosen.tolist(), strict=True)):
             tokens[row].append(token)
@@ -237,13 +344,14 @@ def extend(
             h = adapter.hidden(chosen[:, None], mask, next_position[:, None], cache)[:, -1]
             if offset is not None:
                 h = h + offset
-            logits = adapter.logits(h)
+            step = DecodeStep(adapter, h)
         else:
             static.feed(slot_index, chosen, next_position)
             h_all, logits_all = static.step()
             h, logits = _rows(h_all, slots, slot_index), _rows(logits_all, slots, slot_index)
             if return_hidden and h.data_ptr() == h_all.data_ptr():
                 h = h.clone()  # the static buffer is overwritten by the next step
+            step = DecodeStep(adapter, h, logits)
         next_position = next_position + 1
 
     return Generation(
@@ -273,6 +381,7 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    sampler: Sampler = "logits",
     return_hidden: bool = False,
     decode: Decode | None = None,
 ) -> Generation:
@@ -289,6 +398,8 @@ def generate(
         temperature, top_p: the sampling distribution is ``softmax(logits / temperature)`` cut to its smallest
             top-p nucleus.
         seed: sampling seed; row r's draws depend only on ``(seed, r)``, so the same call gives the same samples.
+        sampler: ``"logits"`` (from each step's logits) or ``"fused"`` (through the fused LM-head op, without the
+            ``[b, V]`` logits); see :func:`sampling_picker`.
         return_hidden: also return the post-norm hidden state behind every generated token.
         decode: ``"eager"`` or ``"graph"`` decode steps (see :func:`extend`); None: the device's default.
 
@@ -314,7 +425,11 @@ def generate(
     for i, p in enumerate(prompts):
         ContextNeed("prompt", len(p), max_new_tokens, context).check(i, "shorten the prompt or lower max_new_tokens")
     stop = stop_token_ids(tokenizer, adapter) if stop_ids is None else list(stop_ids)
-    picker = sampling_picker(temperature, top_p, seed, len(prompts)) if do_sample else greedy_picker()
+    if do_sample:
+        picker = sampling_picker(temperature, top_p, seed, len(prompts), sampler=sampler)
+    else:
+        check_sampling(1.0, 1.0, sampler)
+        picker = greedy_picker()
     return extend(
         adapter,
         [(None, p) for p in prompts],

@@ -44,7 +44,7 @@ from ..chat import build_prompt_ids, question_text, stop_token_ids
 from ..config import LatentSeekConfig
 from ..context import ContextNeed, model_context_length
 from ..errors import ConfigError
-from ..generation import Picker, extend, greedy_picker, sampling_picker
+from ..generation import Picker, Sampler, check_sampling, extend, greedy_picker, sampling_picker
 from ..loop import AnswerCallback, LatentSeek, Result
 from ..model import ModelAdapter
 from ..progress import enter_phase
@@ -126,13 +126,14 @@ class SamplingSettings(GenerationSettings):
     temperature: float = 0.7
     top_p: float = 0.95
     seed: int = 0
+    sampler: Sampler = "fused"
 
     def _check(self) -> None:
         super()._check()
         if self.n_candidates < 1:
             raise ConfigError(f"n_candidates must be >= 1, got {self.n_candidates}")
         try:
-            sampling_picker(self.temperature, self.top_p, self.seed, 1)  # its checks of temperature and top_p, now
+            check_sampling(self.temperature, self.top_p, self.sampler)
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
@@ -365,7 +366,7 @@ class _Generating(MethodBase):
             for k in range(first, s.n_candidates):
                 prompts.append(ids)
                 seeds.append(row_seed(s.seed, p.id, k))
-        picker = sampling_picker(s.temperature, s.top_p, s.seed, len(prompts), row_seeds=seeds)
+        picker = sampling_picker(s.temperature, s.top_p, s.seed, len(prompts), row_seeds=seeds, sampler=s.sampler)
         tokens = self._generate(prompts, picker)
         per = s.n_candidates - first
         return [tokens[i * per : (i + 1) * per] for i in range(len(problems))]
@@ -594,6 +595,8 @@ KNOB_HELP: dict[str, str] = {
     "temperature": "sampling temperature",
     "top_p": "sampling nucleus mass",
     "seed": "sampling seed (latentseek: of the --samples draws)",
+    "sampler": "draw samples from the logits, or through the fused LM-head op without them (top-p read from its "
+    "top-32 log-probs)",
     "rho": "fraction of the answer's latents optimised",
     "lr": "Adam learning rate on the latents (latentseek) / on delta (slot)",
     "steps": "AdamW steps on each problem's delta over its prompt",
