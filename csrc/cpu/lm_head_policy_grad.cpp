@@ -307,8 +307,20 @@ struct TileOptions {
 
 constexpr int64_t kNoIndex = std::numeric_limits<int64_t>::max();
 
-// x <- exp(x - m) in place; returns the sum s and adds sum exp(x - m) (x - m) to s2 (entries whose exp is 0,
-// including -inf logits, add nothing).
+// x[j, n) <- exp(x - m) in place, in scalar, adding sum exp(x - m) to s and sum exp(x - m) (x - m) to t (entries whose
+// exp is 0, including -inf logits, add nothing to t).
+template <typename T>
+LS_ALWAYS_INLINE void exp_shift_sum2_scalar(T* x, int64_t j, int64_t n, T m, T& s, T& t) {
+  for (; j < n; ++j) {
+    const T d = x[j] - m;
+    const T e = std::exp(d);
+    x[j] = e;
+    s += e;
+    if (e > T(0)) t += e * d;
+  }
+}
+
+// x <- exp(x - m) in place; returns the sum s and adds sum exp(x - m) (x - m) to s2.
 LS_ALWAYS_INLINE float exp_shift_sum2(float* x, int64_t n, float m, float& s2) {
   const vf8 mv = splat(m);
   vf8 sv = splat(0.0f), s2v = splat(0.0f);
@@ -325,25 +337,14 @@ LS_ALWAYS_INLINE float exp_shift_sum2(float* x, int64_t n, float m, float& s2) {
     s += sv[i];
     t += s2v[i];
   }
-  for (; j < n; ++j) {  // the tail, in scalar (the vector exp's accuracy is not needed for a handful of entries)
-    const float d = x[j] - m;
-    const float e = std::exp(d);
-    x[j] = e;
-    s += e;
-    if (e > 0.0f) t += e * d;
-  }
+  // the tail in scalar (the vector exp's accuracy is not needed for a handful of entries)
+  exp_shift_sum2_scalar(x, j, n, m, s, t);
   s2 += t;
   return s;
 }
 inline double exp_shift_sum2(double* x, int64_t n, double m, double& s2) {
   double s = 0.0, t = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double d = x[j] - m;
-    const double e = std::exp(d);
-    x[j] = e;
-    s += e;
-    if (e > 0.0) t += e * d;
-  }
+  exp_shift_sum2_scalar(x, 0, n, m, s, t);
   s2 += t;
   return s;
 }
