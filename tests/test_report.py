@@ -178,12 +178,30 @@ def test_initial_accuracy_of_runs_that_record_it(tmp_path):
     assert table_rows(report([out], tmp_path / "r").markdown)["ls"][-1] == "40.0% (2/5)"
 
 
-def test_committed_runs_load_and_give_the_committed_report_table():
+COMMITTED_REPORTS = sorted(p.name for p in COMMITTED_RUNS.glob("*-report"))
+
+
+def test_the_committed_reports_are_found():
+    assert {"gsm8k30-report", "gsm8k100-report"} <= set(COMMITTED_REPORTS)
+
+
+@pytest.mark.parametrize("report_name", COMMITTED_REPORTS)
+def test_committed_runs_load_and_give_the_committed_report_table(report_name):
     # runs/ holds results written before the records were typed: they read back typed, to the same table
-    committed = (COMMITTED_RUNS / "gsm8k30-report" / REPORT_FILE).read_text()
+    committed = (COMMITTED_RUNS / report_name / REPORT_FILE).read_text()
     names = list(table_rows(committed))
     runs = [load_run(COMMITTED_RUNS / name) for name in names]
     assert markdown_table([RunStats.of(run) for run in runs]) in committed
+    for run in runs:  # a record writes back the line it was read from
+        lines = (run.path / RESULTS_FILE).read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line) for line in lines] == [r.to_json() for r in run.records]
+
+
+def test_the_committed_gsm8k30_runs_read_back_as_their_record_types():
+    runs = [
+        load_run(COMMITTED_RUNS / name)
+        for name in table_rows((COMMITTED_RUNS / "gsm8k30-report" / REPORT_FILE).read_text())
+    ]
     kinds = {run.path.name: {type(r.record).__name__ for r in run.records} for run in runs}
     assert kinds == {
         "gsm8k30-cot": {"Record"},
@@ -195,9 +213,6 @@ def test_committed_runs_load_and_give_the_committed_report_table():
         "gsm8k30-latentseek-samples": {"LatentSeekRecord"},
         "gsm8k30-slot": {"SlotRecord"},
     }
-    for run in runs:  # a record writes back the line it was read from
-        lines = (run.path / RESULTS_FILE).read_text(encoding="utf-8").splitlines()
-        assert [json.loads(line) for line in lines] == [r.to_json() for r in run.records]
 
 
 def step_record(predictions, rewards, gold, keep_best=False) -> StoredRecord:
