@@ -60,7 +60,7 @@ import common  # noqa: E402
 from latentseek import ModelAdapter, build_prompt_ids, load_model  # noqa: E402
 from latentseek.eval.data import DEMO_PROBLEMS_PATH, read_records  # noqa: E402
 from latentseek.eval.methods import SelfConsistencySettings  # noqa: E402
-from latentseek.generation import DecodeStep, extend, greedy_picker, sampling_picker  # noqa: E402
+from latentseek.generation import SAMPLERS, DecodeStep, extend, greedy_picker, sampling_picker  # noqa: E402
 from latentseek.quant import INT4_GROUP_SIZE, quantize_weights  # noqa: E402
 
 BATCHES = (1, 8)
@@ -109,7 +109,7 @@ def sha256(path: str) -> str:
 # --- decoders: (prompts, new tokens) -> seconds from the first pick to the last ---------------------------------------
 
 
-PICKERS = ("greedy", "sample-logits", "sample-fused")
+PICKERS = ("greedy", *(f"sample-{sampler}" for sampler in SAMPLERS))
 #: The sampling of best-of-N and self-consistency (their default temperature and top-p).
 SAMPLING = SelfConsistencySettings()
 

@@ -93,6 +93,12 @@ class Generation:
     prefill_tokens: int
 
 
+def counter_key(data: bytes) -> int:
+    """The fused sampler's stream key of ``data``: 31 bits of its SHA-256. A stream's draws use the op's counters
+    ``key << 32 | index`` (index < 2**32), which stay non-negative int64 offsets."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:4], "little") >> 1
+
+
 def greedy_picker() -> Picker:
     """Greedy decoding: the first maximal logit of each row (``torch.argmax``)."""
     return lambda step, rows: step.logits.argmax(-1)
@@ -185,7 +191,7 @@ def _nucleus_pick(sorted_probs: torch.Tensor, order: torch.Tensor, u: torch.Tens
 
 def _gumbel_picker(temperature: float, seed: int, row_seeds: Sequence[int], impl: latentseek_ext.Impl) -> Picker:
     """The fused op's Gumbel-max sampling mode with per-row counters (see :func:`sampling_picker`)."""
-    keys = [int.from_bytes(hashlib.sha256(str(int(s)).encode()).digest()[:4], "little") >> 1 for s in row_seeds]
+    keys = [counter_key(str(int(s)).encode()) for s in row_seeds]
     drawn = [0] * len(row_seeds)
 
     def pick(step: DecodeStep, rows: list[int]) -> torch.Tensor:

@@ -55,7 +55,6 @@ call), and a problem leaves the batch as soon as it is solved.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -71,7 +70,7 @@ from .chat import Prompt, as_messages, build_prompt_ids, question_text, stop_tok
 from .config import MAX_UPDATE_LENGTH, LatentSeekConfig, answer_token_bound, update_length
 from .context import ContextNeed, model_context_length, truncate_middle
 from .errors import ConfigError, ContextLengthError
-from .generation import Generation, extend
+from .generation import Generation, counter_key, extend
 from .kv_cache import PrefixCache
 from .model import ModelAdapter
 from .progress import ProgressCallback, enter_phase, reporting
@@ -507,7 +506,7 @@ class LatentSeek:
     def _offsets(self, s: _Search) -> torch.Tensor:
         """The sampler's counter of every draw of the problem's next step, ``[K * L]`` (see the module docstring)."""
         K, L = self.config.samples, s.z.shape[0]
-        key = int.from_bytes(hashlib.sha256(repr(s.prompt).encode()).digest()[:4], "little") >> 1
+        key = counter_key(repr(s.prompt).encode())
         index = (s.steps * K + torch.arange(K)[:, None]) * MAX_UPDATE_LENGTH + torch.arange(L)[None, :]
         return (key << 32) + index.reshape(-1)
 
