@@ -15,8 +15,12 @@ decodes --new-tokens tokens) for each route over the Qwen2.5-Coder-0.5B-Instruct
   llama.cpp             llama-cpp-python on the GGUF itself (Q4 weights as stored), batch 1 only (its ``Llama``
                         object decodes one sequence), where llama_cpp is importable
 
-each at the thread counts of --threads (torch.set_num_threads; llama.cpp's n_threads; default 1 and all). torch.compile
-of the decode step is not a route: generation does not wire it.
+each at the thread counts of --threads (torch.set_num_threads; llama.cpp's n_threads; default 1 and all), and the
+torch routes with each decode path of --decodes (``extend(decode=...)``): ``eager`` (the default), ``graph`` (the
+static-shape step) and ``compiled`` (that step through torch.compile, weights frozen; compiled during the warm-up,
+which for these routes decodes --new-tokens tokens so that the measured calls reuse its buffer size). For a route
+other than eager the result gives how many of its greedy tokens equal the eager route's (same weights and threads)
+in the last repetition.
 
 --pickers chooses how torch routes pick tokens: ``greedy`` (the default), ``sample-logits`` and ``sample-fused``
 (best-of-N's and self-consistency's sampling, temperature and top-p at those methods' defaults, from each step's
@@ -62,6 +66,7 @@ from latentseek.eval.data import DEMO_PROBLEMS_PATH, read_records  # noqa: E402
 from latentseek.eval.methods import SelfConsistencySettings  # noqa: E402
 from latentseek.generation import SAMPLERS, DecodeStep, extend, greedy_picker, sampling_picker  # noqa: E402
 from latentseek.quant import INT4_GROUP_SIZE, quantize_weights  # noqa: E402
+from latentseek.static_decode import DECODES  # noqa: E402
 
 BATCHES = (1, 8)
 
@@ -72,10 +77,12 @@ class Route:
     weights: str  # fp32 | bf16 | int8 | int4 | int4gN | int8wo | gguf
     threads: int
     picker: str = "greedy"  # greedy | sample-logits | sample-fused (torch routes)
+    decode: str = "eager"  # eager | graph | compiled (torch routes: extend's decode)
 
     @property
     def name(self) -> str:
         name = f"{self.engine} {self.weights}, {self.threads} thread{'s' if self.threads > 1 else ''}"
+        name = name if self.decode == "eager" else f"{name}, {self.decode}"
         return name if self.picker == "greedy" else f"{name}, {self.picker}"
 
 
@@ -123,8 +130,16 @@ class LogitRows:
 
 
 def torch_decoder(
-    adapter: ModelAdapter, threads: int, picker: str = "greedy", counts: LogitRows | None = None
+    adapter: ModelAdapter,
+    threads: int,
+    picker: str = "greedy",
+    counts: LogitRows | None = None,
+    decode_path: str = "eager",
+    tokens_out: list[list[int]] | None = None,
 ) -> Callable[[list[list[int]], int], float]:
+    """A decoder of ``prompts`` for ``new_tokens`` that returns its decode time; it leaves the tokens of its last call
+    in ``tokens_out`` (when given)."""
+
     def decode(prompts: list[list[int]], new_tokens: int) -> float:
         torch.set_num_threads(threads)
         picks: list[float] = []
@@ -148,12 +163,14 @@ def torch_decoder(
 
             adapter.logits = logits  # type: ignore[method-assign]
         try:
-            out = extend(adapter, [(None, p) for p in prompts], new_tokens, [], picker=pick)
+            out = extend(adapter, [(None, p) for p in prompts], new_tokens, [], picker=pick, decode=decode_path)
         finally:
             if counts is not None:
                 del adapter.logits
         if any(len(t) != new_tokens for t in out.tokens):
             raise RuntimeError(f"a row stopped before {new_tokens} tokens: {[len(t) for t in out.tokens]}")
+        if tokens_out is not None:
+            tokens_out[:] = out.tokens
         return picks[-1] - picks[0]
 
     return decode
@@ -240,6 +257,18 @@ def int8_weight_only(model: torch.nn.Module) -> torch.nn.Module:
 # --- report --------------------------------------------------------------------------------------------------------
 
 
+def decode_agreement(last_tokens: dict[tuple[Route, int], list[list[int]]]) -> list[dict]:
+    """For each route whose decode path is not eager: how many of its last call's tokens equal the eager route's."""
+    out = []
+    for (route, batch), tokens in last_tokens.items():
+        eager = last_tokens.get((dataclasses.replace(route, decode="eager"), batch))
+        if route.decode == "eager" or not eager or not tokens:
+            continue
+        same = sum(a == b for x, y in zip(tokens, eager, strict=True) for a, b in zip(x, y, strict=True))
+        out.append({"route_name": route.name, "batch": batch, "same": same, "tokens": sum(map(len, eager))})
+    return out
+
+
 def to_markdown(payload: dict, rows: list[Row]) -> str:
     s = payload["setup"]
     table = []
@@ -251,6 +280,7 @@ def to_markdown(payload: dict, rows: list[Row]) -> str:
                 r.route.weights,
                 r.route.threads,
                 r.route.picker,
+                r.route.decode if r.route.engine == "torch" else "n/a",
                 r.batch,
                 f"{b.median:.1f}",
                 f"{b.p20:.1f}-{b.p80:.1f}",
@@ -269,7 +299,7 @@ def to_markdown(payload: dict, rows: list[Row]) -> str:
         "through the fused op (sample-fused).\n\n"
     )
     md += common.markdown_table(
-        ["engine", "weights", "threads", "picker", "batch", "decode tokens/s (median)", "p20-p80", "best", "reps"],
+        ["engine", "weights", "threads", "picker", "decode", "batch", "tokens/s (median)", "p20-p80", "best", "reps"],
         table,
     )
     md += (
@@ -293,6 +323,15 @@ def to_markdown(payload: dict, rows: list[Row]) -> str:
             + "; ".join(
                 f"{c['route_name']}, batch {c['batch']}: {c['with_logits']} of {c['picked']} row-steps"
                 for c in payload["fused_logit_rows"]
+            )
+            + ".\n"
+        )
+    if payload.get("decode_agreement"):
+        md += (
+            "\nGreedy tokens of the last repetition equal to the eager route's (same weights and threads): "
+            + "; ".join(
+                f"{a['route_name']}, batch {a['batch']}: {a['same']} of {a['tokens']}"
+                for a in payload["decode_agreement"]
             )
             + ".\n"
         )
@@ -371,6 +410,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--pickers", default="greedy", help=f"token pickers of the torch routes, comma-separated: {', '.join(PICKERS)}"
     )
+    ap.add_argument(
+        "--decodes", default="eager", help=f"decode paths of the torch routes, comma-separated: {', '.join(DECODES)}"
+    )
     common.add_output_args(ap, default_tag="generate-cpu")
     args = ap.parse_args(argv)
     if args.new_tokens < 2:
@@ -390,6 +432,9 @@ def main(argv: list[str] | None = None) -> None:
     pickers = list(dict.fromkeys(args.pickers.split(",")))
     if not set(pickers) <= set(PICKERS):
         raise SystemExit(f"--pickers must be a comma-separated subset of {', '.join(PICKERS)}, got {args.pickers!r}")
+    decodes = list(dict.fromkeys(args.decodes.split(",")))
+    if not set(decodes) <= set(DECODES):
+        raise SystemExit(f"--decodes must be a comma-separated subset of {', '.join(DECODES)}, got {args.decodes!r}")
     skipped = []
 
     model, tokenizer = load_model(args.model, dtype=torch.float32)
@@ -415,12 +460,14 @@ def main(argv: list[str] | None = None) -> None:
     adapters = {weights: ModelAdapter(m) for weights, m in models.items()}
     decoders: dict[tuple[Route, int], Callable[[list[list[int]], int], float]] = {}
     fallback: dict[tuple[Route, int], LogitRows] = {}
-    for (weights, adapter), threads, picker, batch in itertools.product(
-        adapters.items(), thread_counts, pickers, BATCHES
+    last_tokens: dict[tuple[Route, int], list[list[int]]] = {}
+    for (weights, adapter), threads, picker, decode_path, batch in itertools.product(
+        adapters.items(), thread_counts, pickers, decodes, BATCHES
     ):
-        route = Route("torch", weights, threads, picker)
+        route = Route("torch", weights, threads, picker, decode_path)
         counts = fallback.setdefault((route, batch), LogitRows()) if picker == "sample-fused" else None
-        decoders[(route, batch)] = torch_decoder(adapter, threads, picker, counts)
+        sink = last_tokens.setdefault((route, batch), [])
+        decoders[(route, batch)] = torch_decoder(adapter, threads, picker, counts, decode_path, sink)
     if args.no_llama_cpp:
         skipped.append("llama.cpp (--no-llama-cpp)")
     elif importlib.util.find_spec("llama_cpp") is None:
@@ -430,8 +477,8 @@ def main(argv: list[str] | None = None) -> None:
             decoders[(Route("llama.cpp", "gguf", threads), 1)] = llama_cpp_decoder(args.model, threads)
         skipped.append("llama.cpp at batch 8 (llama-cpp-python's Llama decodes one sequence)")
 
-    for (_, batch), decode in decoders.items():  # warm-up: allocations, oneDNN primitives, llama.cpp graphs
-        decode(prompts[:batch], 4)
+    for (route, batch), decode in decoders.items():  # warm-up: allocations, oneDNN primitives, llama.cpp graphs
+        decode(prompts[:batch], args.new_tokens if route.decode == "compiled" else 4)  # compiled: its buffer size
     for counts in fallback.values():  # count the measured calls only
         counts.picked = counts.with_logits = 0
     payload = {
@@ -474,6 +521,7 @@ def main(argv: list[str] | None = None) -> None:
             {**dataclasses.asdict(r), "route_name": r.route.name, "tokens_per_s": dataclasses.asdict(r.tokens_per_s)}
             for r in rows
         ]
+        payload["decode_agreement"] = decode_agreement(last_tokens)
         payload["fused_logit_rows"] = [
             {"route_name": route.name, "batch": batch, **dataclasses.asdict(c)}
             for (route, batch), c in fallback.items()

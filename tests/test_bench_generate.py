@@ -83,3 +83,26 @@ def test_accuracy_scores_a_route_against_the_reference_by_teacher_forcing():
     assert 0.99 < got["int8"]["cosine_mean"] <= 1.0 + 1e-6
     assert got["another model"]["agreement"] < 0.5 and got["another model"]["cosine_mean"] < 0.9
     assert all(0 <= i <= 10 for a in got.values() for i in a["first_disagreement"])
+
+
+def test_a_decode_path_route_is_named_and_scored_against_the_eager_route():
+    from latentseek import ModelAdapter
+    from tiny_lm import tiny_model
+
+    adapter = ModelAdapter(tiny_model("qwen2", vocab_size=64))
+    eager, graph = bench_generate.Route("torch", "fp32", 1), bench_generate.Route("torch", "fp32", 1, decode="graph")
+    assert graph.name == "torch fp32, 1 thread, graph"
+    prompts = [[1, 2, 3], [4, 5]]
+    last: dict = {(eager, 2): [], (graph, 2): []}
+    threads = torch.get_num_threads()
+    try:
+        for route in (eager, graph):
+            bench_generate.torch_decoder(adapter, 1, decode_path=route.decode, tokens_out=last[(route, 2)])(prompts, 6)
+    finally:
+        torch.set_num_threads(threads)
+    assert [len(t) for t in last[(graph, 2)]] == [6, 6]
+    assert bench_generate.decode_agreement(last) == [
+        {"route_name": "torch fp32, 1 thread, graph", "batch": 2, "same": 12, "tokens": 12}
+    ]
+    last[(graph, 2)] = [[t + 1 for t in last[(graph, 2)][0]], last[(graph, 2)][1]]  # one row's tokens all differ
+    assert bench_generate.decode_agreement(last)[0]["same"] == 6

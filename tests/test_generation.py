@@ -1,7 +1,9 @@
 """latentseek.generation: KV-cached batched generation against full forwards without cache; the static-shape decode
-step (decode="graph") against the eager one; on every device of conftest.DEVICES."""
+step (decode="graph", and compiled on the CPU) against the eager one; on every device of conftest.DEVICES."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -375,6 +377,30 @@ def test_graph_decode_refuses_what_it_cannot_run(tok, prompts):
     generate(sliding, tok, prompts, 4, decode="eager")
     with pytest.raises(ValueError, match="decode must be one of"):
         generate(sliding, tok, prompts, 4, decode="cuda-graph")
+
+
+def test_compiled_decode_equals_eager(tok, prompts):
+    """decode="compiled" (the static step through torch.compile, weights frozen) on the CPU: 6 rows in bucket 8 that
+    shrinks as rows stop, kept prefixes; the same tokens, hidden states and caches as the eager steps, and a second
+    call with the same shapes gives the same again (from the compiled steps of the first)."""
+    adapter = ModelAdapter(tiny_model("qwen2", vocab_size=len(tok)))
+    batch = (prompts * 2)[:6]
+    stop = stop_token_ids(tok, adapter)
+    kw = dict(return_hidden=True, keep_prefix=[len(p) + 3 for p in batch])
+    want = extend(adapter, [(None, p) for p in batch], MAX_NEW, stop, decode="eager", **kw)
+    assert len({len(t) for t in want.tokens}) > 1, "the rows must stop at different steps"
+    for _ in range(2):
+        assert_same_generation(
+            extend(adapter, [(None, p) for p in batch], MAX_NEW, stop, decode="compiled", **kw), want
+        )
+
+
+def test_compiled_decode_buffers_and_devices():
+    assert [static_decode.static_capacity(c, "compiled") for c in (1, 256, 257)] == [256, 256, 512]
+    assert [static_decode.static_capacity(c, "graph") for c in (1, 16, 17)] == [16, 16, 32]
+    on_gpu = SimpleNamespace(device=torch.device("cuda"))  # all the check reads before it refuses
+    with pytest.raises(ValueError, match="decode='compiled' runs on the CPU only.*cuda.*decode='graph'"):
+        static_decode.check_graph_support(on_gpu, "compiled")
 
 
 def test_buckets_are_powers_of_two():

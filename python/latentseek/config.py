@@ -37,7 +37,8 @@ class LatentSeekConfig:
         impl: implementation of the fused LM-head op (``latentseek_ext.lm_head_policy_grad``): ``"ext"`` (the
             compiled kernel), ``"reference"`` (pure torch), or ``"auto"`` (the kernel where it is built).
         decode: how generation runs its decode steps (:func:`latentseek.generation.extend`): ``"eager"`` (the
-            reference) or ``"graph"`` (static shapes, captured in CUDA graphs on CUDA); None: the device's default
+            reference), ``"graph"`` (static shapes, captured in CUDA graphs on CUDA) or ``"compiled"`` (the static
+            step through ``torch.compile``, CPU only); None: the device's default
             (:func:`latentseek.static_decode.default_decode`, eager everywhere until a GPU has verified the graph path).
         samples: K, the token sequences drawn from the latents per step. 1 (the default) is the paper's algorithm:
             x = argmax lm_head(z), the update ``-R * sum_t log p(x_t | z_t)``. K > 1 draws K prefixes per step with

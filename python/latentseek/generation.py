@@ -11,7 +11,8 @@ is padding with attention mask 0, so a row may have padding in the middle (betwe
 Position ids count only the row's own tokens (``cumsum(mask) - 1``), so every token sits at its true position
 whatever the padding, and a row's keys and values do not depend on the other rows. Rows leave the batch (their
 cache rows are dropped) as soon as they stop. With ``decode="graph"`` the decode steps keep static shapes instead
-(:mod:`latentseek.static_decode`: stopped rows stay in a batch-size bucket until the running rows fit a smaller one).
+(:mod:`latentseek.static_decode`: stopped rows stay in a batch-size bucket until the running rows fit a smaller one),
+and ``decode="compiled"`` runs that step through ``torch.compile`` (CPU).
 
 Sliding-window attention is applied over cache columns, so with padding in the middle the window of a row that
 is longer than the window covers a few pad columns; rows shorter than the window are unaffected.
@@ -239,8 +240,9 @@ def extend(
         return_hidden: also return the hidden state behind every generated token.
         keep_prefix: per row, how many leading tokens of its sequence (prefix + new tokens + generated) to keep as
             a :class:`PrefixCache` (at most the tokens the model has seen: all but the last generated one).
-        decode: how the decode steps run: ``"eager"`` (the reference) or ``"graph"`` (the static-shape step of
-            :mod:`latentseek.static_decode`, captured in CUDA graphs on CUDA); None:
+        decode: how the decode steps run: ``"eager"`` (the reference), ``"graph"`` (the static-shape step of
+            :mod:`latentseek.static_decode`, captured in CUDA graphs on CUDA) or ``"compiled"`` (that step through
+            ``torch.compile``, CPU only; each new bucket and buffer size compiles first); None:
             :func:`~latentseek.static_decode.default_decode` of the adapter's device. The prefill is eager either way,
             and only the last position of each row gets logits.
         offset: None, or ``[len(rows), H]``: row i's vector is added to every hidden state whose logits row i
@@ -257,8 +259,8 @@ def extend(
         raise ValueError("every row needs at least one new token")
     device, n = adapter.device, len(rows)
     decode = default_decode(device) if decode is None else check_decode(decode)
-    if decode == "graph":
-        check_graph_support(adapter)
+    if decode != "eager":
+        check_graph_support(adapter, decode)
     if offset is not None:
         if tuple(offset.shape) != (n, adapter.hidden_size):
             raise ValueError(
@@ -278,8 +280,8 @@ def extend(
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)[:, C:]
     capacity = C + T + max_new_tokens
     buffer_rows = 0
-    if decode == "graph":
-        capacity, buffer_rows = static_capacity(capacity), bucket(n)
+    if decode != "eager":
+        capacity, buffer_rows = static_capacity(capacity, decode), bucket(n)
     if C > 0:
         cache = batch_cache(adapter, [prefix for prefix, _ in rows], C, capacity, buffer_rows)
     else:
@@ -296,7 +298,7 @@ def extend(
         h = h + offset
     step = DecodeStep(adapter, h)
     next_position = positions[:, -1] + 1
-    static = StaticDecoder(adapter, cache, mask, offset) if decode == "graph" else None
+    static = StaticDecoder(adapter, cache, mask, offset, decode == "compiled") if decode != "eager" else None
     slots = list(range(n))  # graph path: the static buffers' row of each running row
     slot_index = torch.arange(n, device=device)
     report = decode_reporter()  # None unless a progress.reporting block listens
@@ -407,7 +409,8 @@ def generate(
         sampler: ``"logits"`` (from each step's logits) or ``"fused"`` (through the fused LM-head op, without the
             ``[b, V]`` logits); see :func:`sampling_picker`.
         return_hidden: also return the post-norm hidden state behind every generated token.
-        decode: ``"eager"`` or ``"graph"`` decode steps (see :func:`extend`); None: the device's default.
+        decode: ``"eager"``, ``"graph"`` or ``"compiled"`` decode steps (see :func:`extend`); None: the device's
+            default.
 
     Returns:
         a :class:`Generation` (tokens per row, stop token included when produced; ``hidden`` on request).

@@ -74,7 +74,7 @@ class SlotConfig:
         lr: AdamW learning rate on delta.
         max_new_tokens: most tokens of each answer.
         impl: implementation of the fused LM-head op (``"auto"``, ``"ext"``, ``"reference"``).
-        decode: the generation's decode steps (``"eager"`` / ``"graph"``; None: the device's default).
+        decode: the generation's decode steps (``"eager"`` / ``"graph"`` / ``"compiled"``; None: the device's default).
     """
 
     steps: int = 5

@@ -1,4 +1,5 @@
-"""The decode step with static shapes that :func:`latentseek.generation.extend` runs with ``decode="graph"``.
+"""The decode step with static shapes that :func:`latentseek.generation.extend` runs with ``decode="graph"`` (and,
+compiled, with ``decode="compiled"``).
 
 The eager decode step is Python-bound on a GPU: a few hundred small kernels per token, each launched from Python.
 With every tensor of the step at a fixed shape and address, the step can be captured once in a
@@ -23,10 +24,19 @@ other devices the same step runs uncaptured, which is how its bookkeeping is tes
 
 The step attends over the whole buffer (masked columns included), so in float32 its hidden states equal the eager
 step's up to the summation order of the attention.
+
+``decode="compiled"`` (CPU only) runs the same step through ``torch.compile`` with inductor's freezing: the model's
+weights become constants of the compiled graph, which lets inductor pre-pack them for oneDNN and fuse the small
+operations between the GEMMs. The first step of each (bucket, buffer size, model) compiles, tens of seconds on a CPU;
+the buffers then have a multiple of :data:`COMPILED_COLUMN_MULTIPLE` columns so that calls with prompts of about the
+same length reuse one compiled step. Weights changed after the first compile are not seen (LatentSeek never changes
+them). Measured on a CPU with AVX512-BF16 (README, "Decode speed"): it pays in bf16 at batch 1 and not at batch 8,
+so it is opt-in.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, get_args
 
 import torch
@@ -35,9 +45,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .model import ModelAdapter
 
 #: How :func:`~latentseek.generation.extend` runs its decode steps: ``"eager"`` (a forward per token over the filled
-#: part of the cache, rows leaving the batch as they stop) or ``"graph"`` (this module's static step, captured in
-#: CUDA graphs on CUDA).
-Decode = Literal["eager", "graph"]
+#: part of the cache, rows leaving the batch as they stop), ``"graph"`` (this module's static step, captured in
+#: CUDA graphs on CUDA) or ``"compiled"`` (the static step through ``torch.compile``, CPU only).
+Decode = Literal["eager", "graph", "compiled"]
 DECODES: tuple[Decode, ...] = get_args(Decode)
 
 # The attention implementations whose masks the static step builds (a 4D bool mask for sdpa, additive for eager).
@@ -58,11 +68,14 @@ def default_decode(device: torch.device | str) -> Decode:
 #: The static step's buffers have a multiple of this many columns, so that each row of the attention mask starts at
 #: an aligned address (sdpa's memory-efficient kernel pads a mask whose rows are not).
 COLUMN_MULTIPLE = 16
+#: The compiled step's buffers have a multiple of this many columns: each buffer size is a compile of its own.
+COMPILED_COLUMN_MULTIPLE = 256
 
 
-def static_capacity(columns: int) -> int:
+def static_capacity(columns: int, decode: Decode = "graph") -> int:
     """The columns of the static step's buffers for a call that needs ``columns``."""
-    return -(-columns // COLUMN_MULTIPLE) * COLUMN_MULTIPLE
+    multiple = COMPILED_COLUMN_MULTIPLE if decode == "compiled" else COLUMN_MULTIPLE
+    return -(-columns // multiple) * multiple
 
 
 def check_decode(decode: str) -> Decode:
@@ -78,9 +91,15 @@ def bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def check_graph_support(adapter: ModelAdapter) -> None:
+def check_graph_support(adapter: ModelAdapter, decode: Decode = "graph") -> None:
     """Raise ValueError unless the static step can run ``adapter``'s model: every layer full attention (the step's
-    mask has no sliding window), through sdpa or eager attention (the masks it builds)."""
+    mask has no sliding window), through sdpa or eager attention (the masks it builds); ``decode="compiled"`` on the
+    CPU only."""
+    if decode == "compiled" and adapter.device.type != "cpu":
+        raise ValueError(
+            f"decode='compiled' runs on the CPU only (the device it was measured on); the model is on "
+            f"{adapter.device.type}: use decode='graph' or 'eager'"
+        )
     config = adapter.model.config
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     attention = getattr(text, "_attn_implementation", None) or "eager"
@@ -143,9 +162,15 @@ class StaticDecoder:
     """
 
     def __init__(
-        self, adapter: ModelAdapter, cache: Cache, mask: torch.Tensor, offset: torch.Tensor | None = None
+        self,
+        adapter: ModelAdapter,
+        cache: Cache,
+        mask: torch.Tensor,
+        offset: torch.Tensor | None = None,
+        compiled: bool = False,
     ) -> None:
-        check_graph_support(adapter)
+        check_graph_support(adapter, "compiled" if compiled else "graph")
+        self.compiled = compiled
         self.adapter = adapter
         self.kv = [(layer.storage_keys, layer.storage_values) for layer in cache.layers]
         rows, _, capacity, _ = self.kv[0][0].shape
@@ -194,6 +219,8 @@ class StaticDecoder:
         self.column.fill_(self.filled)
         if self.capture:
             out = self._replay(self.b)
+        elif self.compiled:
+            out = _compiled_forward()(self, self.b)
         else:
             out = self._forward(self.b)
         self.filled += 1
@@ -236,3 +263,9 @@ class StaticDecoder:
         graph, out = self.graphs[b]
         graph.replay()
         return out
+
+
+@functools.cache
+def _compiled_forward():
+    """:meth:`StaticDecoder._forward` through ``torch.compile``, weights frozen (made once, on first use)."""
+    return torch.compile(StaticDecoder._forward, dynamic=False, options={"freezing": True})

@@ -609,7 +609,8 @@ KNOB_HELP: dict[str, str] = {
     "impl": "fused LM-head op",
     "context_policy": "a problem longer than the model's context: error, or cut the question's middle, or clamp "
     "max_new_tokens",
-    "decode": "decode steps: eager, or graph (static shapes, captured in CUDA graphs on CUDA); unset: the device's",
+    "decode": "decode steps: eager, graph (static shapes, captured in CUDA graphs on CUDA) or compiled "
+    "(torch.compile, CPU); unset: the device's",
 }
 
 
