@@ -220,7 +220,7 @@ class StaticDecoder:
         if self.capture:
             out = self._replay(self.b)
         elif self.compiled:
-            out = _compiled_forward()(self, self.b)
+            out = _compiled_step(self, self.b)
         else:
             out = self._forward(self.b)
         self.filled += 1
@@ -265,7 +265,17 @@ class StaticDecoder:
         return out
 
 
+def _compiled_step(decoder: StaticDecoder, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket b's step through the compiled forward. Inductor reads ``freezing`` from the config in force when a step
+    compiles: passed as ``torch.compile(options={"freezing": True})`` it was not applied in torch 2.13 (the step ran
+    at the unfrozen step's speed)."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=True):
+        return _compiled_forward()(decoder, b)
+
+
 @functools.cache
 def _compiled_forward():
     """:meth:`StaticDecoder._forward` through ``torch.compile``, weights frozen (made once, on first use)."""
-    return torch.compile(StaticDecoder._forward, dynamic=False, options={"freezing": True})
+    return torch.compile(StaticDecoder._forward, dynamic=False)
