@@ -27,11 +27,10 @@ step's up to the summation order of the attention.
 
 ``decode="compiled"`` (CPU only) runs the same step through ``torch.compile`` with inductor's freezing: the model's
 weights become constants of the compiled graph, which lets inductor pre-pack them for oneDNN and fuse the small
-operations between the GEMMs. The first step of each (bucket, buffer size, model) compiles, tens of seconds on a CPU;
-the buffers then have a multiple of :data:`COMPILED_COLUMN_MULTIPLE` columns so that calls with prompts of about the
-same length reuse one compiled step. Weights changed after the first compile are not seen (LatentSeek never changes
-them). Measured on a CPU with AVX512-BF16 (README, "Decode speed"): it pays in bf16 at batch 1 and not at batch 8,
-so it is opt-in.
+operations between the GEMMs. The first step of each (model, bucket, buffer size, thread count) compiles, tens of
+seconds on a CPU; the buffers have a multiple of :data:`COMPILED_COLUMN_MULTIPLE` columns so that calls with prompts
+of about the same length reuse one compiled step. Weights changed after the first compile are not seen (LatentSeek
+never changes them). Opt-in: what it gains on a CPU is in the README ("Decode speed").
 """
 
 from __future__ import annotations
@@ -70,6 +69,8 @@ def default_decode(device: torch.device | str) -> Decode:
 COLUMN_MULTIPLE = 16
 #: The compiled step's buffers have a multiple of this many columns: each buffer size is a compile of its own.
 COMPILED_COLUMN_MULTIPLE = 256
+#: The most compiles of the step (all models, buckets, buffer sizes and thread counts of a process together).
+COMPILED_STEP_LIMIT = 64
 
 
 def static_capacity(columns: int, decode: Decode = "graph") -> int:
@@ -268,10 +269,15 @@ class StaticDecoder:
 def _compiled_step(decoder: StaticDecoder, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Bucket b's step through the compiled forward. Inductor reads ``freezing`` from the config in force when a step
     compiles: passed as ``torch.compile(options={"freezing": True})`` it was not applied in torch 2.13 (the step ran
-    at the unfrozen step's speed)."""
+    at the unfrozen step's speed).
+
+    Each (model, bucket, buffer size, thread count) is a compile of its own (torch guards on the thread count too),
+    so the step allows :data:`COMPILED_STEP_LIMIT` of them instead of torch's default 8, past which torch would run
+    the step uncompiled with a warning."""
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
-    with inductor_config.patch(freezing=True):
+    with inductor_config.patch(freezing=True), dynamo_config.patch(recompile_limit=COMPILED_STEP_LIMIT):
         return _compiled_forward()(decoder, b)
 
 
