@@ -298,7 +298,7 @@ def extend(
         h = h + offset
     step = DecodeStep(adapter, h)
     next_position = positions[:, -1] + 1
-    static = StaticDecoder(adapter, cache, mask, offset, decode == "compiled") if decode != "eager" else None
+    static = StaticDecoder(adapter, cache, mask, offset, decode) if decode != "eager" else None
     slots = list(range(n))  # graph path: the static buffers' row of each running row
     slot_index = torch.arange(n, device=device)
     report = decode_reporter()  # None unless a progress.reporting block listens

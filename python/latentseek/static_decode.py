@@ -156,7 +156,8 @@ class StaticDecoder:
 
     Built after the prefill, from the call's cache (whose buffers have R rows), its ``[n, columns]`` mask, and the
     rows' ``[n, H]`` offsets when the call has them (added to each hidden state before the LM head, see
-    :func:`~latentseek.generation.extend`; a static buffer that moves with its rows).
+    :func:`~latentseek.generation.extend`; a static buffer that moves with its rows), and the call's ``decode``
+    (``"graph"``, or ``"compiled"`` to run the step through :func:`_compiled_step`).
     Use: :meth:`feed` the running rows' tokens and positions, :meth:`step`, read the returned ``[b, H]`` hidden
     states and ``[b, V]`` logits (static buffers on CUDA: overwritten by the next step), :meth:`compact` when rows
     stop.
@@ -168,10 +169,10 @@ class StaticDecoder:
         cache: Cache,
         mask: torch.Tensor,
         offset: torch.Tensor | None = None,
-        compiled: bool = False,
+        decode: Decode = "graph",
     ) -> None:
-        check_graph_support(adapter, "compiled" if compiled else "graph")
-        self.compiled = compiled
+        check_graph_support(adapter, decode)
+        self.compiled = decode == "compiled"
         self.adapter = adapter
         self.kv = [(layer.storage_keys, layer.storage_values) for layer in cache.layers]
         rows, _, capacity, _ = self.kv[0][0].shape
